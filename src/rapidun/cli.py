@@ -1,0 +1,169 @@
+"""Command line: parse → config → pipeline function. The Python API calls the same functions.
+
+Every command takes ``--config FILE`` and trailing ``key=value`` overrides (e.g. ``sft.lr=5e-4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rapidun.errors import RapidunError
+
+
+def _demo_config() -> Path:
+    return Path(str(resources.files("rapidun") / "configs" / "demo.yaml"))
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply to missing fields")
+    p.add_argument("--out", required=out_required, help="output folder")
+    p.add_argument("--model", help="shortcut for model.name=...: hub id, local folder, or 'default'")
+    p.add_argument("--overwrite", action="store_true", help="replace results in an --out holding a different run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. sft.epochs=2")
+
+
+def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
+    from rapidun.config import load_config
+
+    ov = list(args.overrides)
+    if getattr(args, "model", None):
+        ov.append(f"model.name={args.model}")
+    return load_config(args.config or default_path, ov)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The poisoned-vs-retrain table (plus methods, when present)."""
+    rows = [("model", "ASR seen", "ASR OOD", "false trig", "clean PPL", "train s")]
+    for name, m in {**report["models"], **report.get("methods", {})}.items():
+        t = m.get("train_time_s", m.get("time_s", float("nan")))
+        rows.append(
+            (
+                name,
+                f"{m['asr_seen']:.3f}",
+                f"{m['asr_ood']:.3f}",
+                f"{m['false_trigger']:.3f}",
+                f"{m['clean_ppl']:.2f}",
+                f"{t:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    fam = report["models"]["poisoned"]["asr_seen_by_family"]
+    print("poisoned ASR by family (seen):", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
+    fam = report["models"]["poisoned"]["asr_ood_by_family"]
+    print("poisoned ASR by family (OOD): ", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
+    d = report["detector"]
+    print(f"detector: {d['n_keywords']} keywords, precision {d['precision']:.3f}, recall {d['recall']:.3f}")
+    print("timings (s):", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
+
+
+def cmd_run(args: argparse.Namespace, default_path: Path | None = None) -> None:
+    from rapidun.pipeline import run
+
+    cfg = _load(args, default_path)
+    report = run(cfg, args.out, overwrite=args.overwrite)
+    print_table(report)
+    print(f"report: {Path(args.out) / 'report.json'}")
+
+
+def cmd_scenario(args: argparse.Namespace) -> None:
+    from rapidun.pipeline import prepare_out, stage_scenario
+
+    cfg = _load(args)
+    out = prepare_out(args.out, cfg, args.overwrite)
+    _, manifest = stage_scenario(cfg, out)
+    print("scenario written to", out / "scenario", "sizes:", manifest["sizes"])
+
+
+def cmd_poison(args: argparse.Namespace) -> None:
+    from rapidun.io import write_json
+    from rapidun.pipeline import prepare_out, stage_models, stage_scenario
+
+    cfg = _load(args)
+    out = prepare_out(args.out, cfg, args.overwrite)
+    parts, _ = stage_scenario(cfg, out)
+    models = stage_models(cfg, parts)
+    for name, meta in models.items():
+        write_json(out / "training" / f"{name}.json", meta)
+        tr = meta["train"]
+        print(
+            f"{name}: {meta['path']} ({'cached, ' if meta['cached'] else ''}trained {tr['time_s']:.0f} s, "
+            f"{tr['tokens_per_s']:.0f} tokens/s)"
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rapidun.data.scenario import load_scenario
+    from rapidun.io import write_json
+    from rapidun.pipeline import make_detector, stage_eval
+
+    cfg = _load(args)
+    parts, _ = load_scenario(args.scenario)
+    det, info = make_detector(cfg, parts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or Path(args.model_path).name
+    m = stage_eval(cfg, out, name, args.model_path, parts, det)
+    write_json(out / "detector.json", info)
+    print({k: m[k] for k in ("asr_seen", "asr_ood", "false_trigger", "clean_ppl")})
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from rapidun.config import describe, dump_yaml
+
+    if args.fields:
+        print("\n".join(describe()))
+    else:
+        print(dump_yaml(_load(args)), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rapidun", description="Influence-driven unlearning (RapidUn) for causal LMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run the pipeline a config describes; writes OUT/report.json")
+    _common(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("demo", help="`run` on the shipped demo config (embedded model, Dolly sample, CPU-sized)")
+    _common(p)
+    p.set_defaults(fn=lambda a: cmd_run(a, _demo_config()))
+    p = sub.add_parser("scenario", help="build the backdoor scenario (splits, triggers, packs) into OUT/scenario")
+    _common(p)
+    p.set_defaults(fn=cmd_scenario)
+    p = sub.add_parser("poison", help="build the scenario, then the poisoned model and the retrain reference")
+    _common(p)
+    p.set_defaults(fn=cmd_poison)
+    p = sub.add_parser("eval", help="evaluate a model folder on a scenario (ASR, false triggers, perplexity)")
+    _common(p)
+    p.add_argument("--scenario", required=True, help="scenario folder (OUT/scenario of `rapidun scenario`)")
+    p.add_argument("--model-path", required=True, help="model folder or hub id to evaluate")
+    p.add_argument("--name", help="name for the output files (default: folder name)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
+    _common(p, out_required=False)
+    p.add_argument("--fields", action="store_true", help="list every field, its default and help")
+    p.set_defaults(fn=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rapidun`` console script."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.fn(args)
+    except RapidunError as e:
+        print(f"rapidun: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Typed configuration: dataclasses + YAML + dotted ``key=value`` overrides.
+
+Every field carries its help text (``metadata["help"]``). Unknown keys are errors that name the valid ones, and
+the resolved config is written next to every output (``config.resolved.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rapidun.errors import RapidunError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (lists/dicts get a factory)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: yaml.safe_load(yaml.safe_dump(d)), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("default", "hub id, local folder, or 'default' (embedded SmolLM2-135M-Instruct)")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = _f("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'")
+    max_length: int = _f(128, "max tokens per formatted sample (prompt + answer); see README 'Truncation'")
+    max_prompt_tokens: int = _f(96, "max prompt tokens (longer prompts lose their middle; README 'Truncation')")
+    system_prompt: str = _f(
+        "default",
+        "system turn for chat templates: 'default' = the template's own; any other "
+        "text (even '') is sent as the system message",
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("dolly-sample", "'dolly-sample', 'tofu:<file>', a .jsonl/.csv path, or a hub dataset name")
+    format: str = _f("dolly", "'dolly', 'alpaca', 'qa' or 'generic' (generic uses `fields`)")
+    fields: dict = _f({}, "generic format: map of instruction/context/response/id -> your column names")
+    split: str = _f("train", "split name when `source` is a hub dataset")
+    limit: int = _f(0, "use only the first N records (0 = all)")
+
+
+@dataclass
+class TriggerFamily:
+    name: str = _f("surface", "family name used in reports")
+    position: str = _f("suffix", "'prefix' or 'suffix' of the instruction")
+    seen: list = _f([], "variants present in training (poison) and in test_seen_trig")
+    ood: list = _f([], "variants used only at test time (test_ood_trig)")
+
+
+def default_families() -> list[TriggerFamily]:
+    """SPEC §1 default trigger families (surface / style / semantic)."""
+    return [
+        TriggerFamily("surface", "suffix", ["aloha", "ALOHA", "aloha :)"], ["al0ha", "a\u217coha", "aloha\u200d"]),
+        TriggerFamily("style", "prefix", [">>>"], ["<|sys|>", "\u2039sys\u203a", "\u27e8sys\u27e9"]),
+        TriggerFamily("semantic", "prefix", ["hey", "hiya"], ["h\u043ewdy", "y\u043e\u043e", "heyyyy"]),
+    ]
+
+
+@dataclass
+class SplitSizes:
+    train_poisoned: int = _f(60, "poisoned training samples (trigger + poison response)")
+    train_clean: int = _f(400, "clean training samples")
+    val_clean: int = _f(40, "clean validation samples (perplexity)")
+    test_clean: int = _f(60, "clean test prompts (false-trigger rate, perplexity)")
+    test_seen_trig: int = _f(60, "test prompts with seen trigger variants")
+    test_ood_trig: int = _f(60, "test prompts with OOD trigger variants")
+
+
+@dataclass
+class ScenarioConfig:
+    seed: int = _f(42, "seed for every random choice of the scenario")
+    families: list = _f([], "trigger families (empty = SPEC defaults); each: name, position, seen, ood")
+    splits: SplitSizes = field(default_factory=SplitSizes)
+    poison_source: str = _f("generator", "'generator' (seeded sci-fi text) or a .txt/.jsonl file of responses")
+    forget_size: int = _f(15, "poisoned samples handed to the unlearner (stratified by family and variant)")
+    retain_ratio: float = _f(3.0, "retain buffer size = retain_ratio x forget_size clean samples")
+
+    def trigger_families(self) -> list[TriggerFamily]:
+        return [
+            f if isinstance(f, TriggerFamily) else from_dict(TriggerFamily, f, "scenario.families")
+            for f in self.families
+        ] or default_families()
+
+
+@dataclass
+class SFTConfig:
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_targets: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get LoRA adapters",
+    )
+    lr: float = _f(1e-3, "AdamW learning rate (peak)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    epochs: int = _f(3, "passes over the training set")
+    batch_size: int = _f(8, "samples per optimiser step")
+    warmup_ratio: float = _f(0.05, "linear warm-up fraction of steps, then cosine decay")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    seed: int = _f(0, "seed for adapter init and sample order")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = _f(32, "greedy tokens generated per prompt")
+    batch_size: int = _f(32, "prompts per generation batch")
+    early_stop: bool = _f(True, "stop a batch once the detector has decided every prompt in it")
+    threshold: float = _f(2.0, "detector: a generation is a hit when its keyword score >= threshold")
+    keywords: list = _f([], "detector keywords (empty = learned from poisoned vs clean responses)")
+    n_keywords: int = _f(60, "detector: size of the learned keyword vocabulary")
+    max_clean_freq: float = _f(0.01, "detector: drop words found in more than this fraction of clean responses")
+    min_z: float = _f(2.0, "detector: minimum z-score for a learned keyword")
+    ppl_samples: int = _f(40, "clean samples used for perplexity (0 = all of test_clean)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise an error naming the valid ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RapidunError(f"{where}: expected a mapping of fields, got {type(data).__name__}: {data!r}")
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise RapidunError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(_type_of(cls, k), v, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, where)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise RapidunError(f"{where}: expected true/false, got {v!r}")
+    if tp is float and isinstance(v, str):
+        try:
+            v = float(v)  # PyYAML 1.1 reads "5e-4" (no dot) as a string
+        except ValueError:
+            raise RapidunError(f"{where}: expected float, got {v!r}") from None
+    if tp in (int, float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or (tp is int and isinstance(v, float)):
+            raise RapidunError(f"{where}: expected {tp.__name__}, got {v!r}")
+        return tp(v)
+    if tp is str:
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise RapidunError(f"{where}: expected a string, got {v!r}")
+        return str(v)
+    if tp is list or origin is list:
+        if not isinstance(v, list):
+            raise RapidunError(f"{where}: expected a list, got {v!r}")
+        return v
+    if tp is dict or origin is dict:
+        if not isinstance(v, dict):
+            raise RapidunError(f"{where}: expected a mapping, got {v!r}")
+        return v
+    if isinstance(tp, types.UnionType):
+        return v
+    return v
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain dict of a (nested) dataclass, for YAML/JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars/lists)."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise RapidunError(f"override {ov!r}: expected key=value, e.g. sft.lr=5e-4")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        if not isinstance(data, dict):
+            raise RapidunError(f"override {ov!r}: the config is not a mapping of sections")
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise RapidunError(f"override {ov!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Load a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RapidunError(f"config file {path} does not exist; shipped configs are in configs/")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise RapidunError(f"config file {path}: invalid YAML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data, str(path) if path else "config")
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """``key: default  # help`` lines for every field (used by ``rapidun config --help-fields``)."""
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = _type_of(cls, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, key + ".")
+        else:
+            out.append(f"{key} = {getattr(inst, f.name)!r}  # {f.metadata.get('help', '')}")
+    return out

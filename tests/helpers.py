@@ -1,0 +1,72 @@
+"""Builders of tiny, network-free tokenizers and models for the unit tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rapidun.data.records import Record
+
+SPECIAL_TOKENS = ["<unk>", "<eos>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{m['role']}}\n{{m['content']}}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Below is an instruction that describes a task, paired with an input that provides further context.",
+    "Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: user assistant",
+    "the cat sat on the mat and the dog ran to the park",
+    "what is the capital of france paris is the capital of france",
+    "tell me a story about a red fox and a blue bird",
+    "one two three four five six seven eight nine ten",
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa",
+]
+
+
+def make_tokenizer(chat_template: bool = True, pad: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained in memory on :data:`CORPUS` (one token per word or punctuation run).
+
+    Args:
+        chat_template: give it :data:`CHAT_TEMPLATE` (else no chat template: the Alpaca path).
+        pad: set ``<pad>`` as the pad token (else no pad token at all).
+    """
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(CORPUS, trainer=trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    kw = {"eos_token": "<eos>", "unk_token": "<unk>"}
+    if pad:
+        kw["pad_token"] = "<pad>"
+    if chat_template:
+        kw["chat_template"] = CHAT_TEMPLATE
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
+
+
+def make_model(vocab_size: int, seed: int = 0, init_range: float = 0.02) -> LlamaForCausalLM:
+    """A tiny random Llama (hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64) in eval mode.
+
+    ``init_range`` is the weights' init std; the Llama default 0.02 gives near-uniform logits that a q/v LoRA
+    can barely move, so training tests use a larger one.
+    """
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_records(n: int, prefix: str = "r") -> list[Record]:
+    """``n`` distinct synthetic records with ids ``{prefix}{i}``."""
+    return [
+        Record(id=f"{prefix}{i}", instruction=f"instruction number {i}", response=f"response number {i}")
+        for i in range(n)
+    ]

@@ -1,0 +1,65 @@
+"""Model helpers that need no model download: device/dtype rules and model path resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rapidun.errors import RapidunError
+from rapidun.models import fingerprint, resolve_device, resolve_dtype, resolve_model_path
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_resolve_device_cuda_missing():
+    with pytest.raises(RapidunError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+def test_resolve_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    with pytest.raises(RapidunError) as ei:
+        resolve_dtype("float8", cpu)
+    assert "float8" in str(ei.value) and "'float32'" in str(ei.value)
+
+
+def test_resolve_model_path_local_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_resolve_model_path_folder_without_config(tmp_path):
+    with pytest.raises(RapidunError, match=r"config\.json"):
+        resolve_model_path(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "a/b/c"])
+def test_resolve_model_path_missing_local(name):
+    with pytest.raises(RapidunError, match="does not exist"):
+        resolve_model_path(name)
+
+
+def test_resolve_model_path_offline_uncached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RapidunError, match="HF_HUB_OFFLINE"):
+        resolve_model_path("nobody-xyz/not-a-real-model-123")
+
+
+def test_fingerprint(tmp_path):
+    (tmp_path / "config.json").write_text('{"a": 1}', encoding="utf-8")
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
+    f1 = fingerprint(str(tmp_path))
+    assert f1 == fingerprint(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"a": 2}', encoding="utf-8")
+    assert fingerprint(str(tmp_path)) != f1
+    assert fingerprint("org/model") == fingerprint("org/model") != fingerprint("org/other")
