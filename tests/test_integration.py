@@ -1,0 +1,103 @@
+"""Integration tests on the real embedded default model (SmolLM2-135M-Instruct) with tiny inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rapidun import cli
+from rapidun.config import load_config
+from rapidun.errors import RapidunError
+from rapidun.models import load_model
+from rapidun.pipeline import METRIC_KEYS, run
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.max_length=48",
+    "model.max_prompt_tokens=32",
+    "model.system_prompt=",
+    "scenario.splits.train_poisoned=3",
+    "scenario.splits.train_clean=6",
+    "scenario.splits.val_clean=2",
+    "scenario.splits.test_clean=3",
+    "scenario.splits.test_seen_trig=3",
+    "scenario.splits.test_ood_trig=3",
+    "scenario.forget_size=3",
+    "scenario.retain_ratio=1",
+    "sft.epochs=1",
+    "sft.batch_size=3",
+    "eval.max_new_tokens=6",
+    "eval.ppl_samples=3",
+]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_default_model_loads_with_chat_template_and_pad():
+    model, tok, info = load_model("default")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert tok.chat_template and tok.pad_token is not None and tok.padding_side == "left"
+    ids = tok("Hello", add_special_tokens=False)["input_ids"]
+    assert ids and ids[0] != tok.bos_token_id  # the 5.x conversion prepends no BOS
+
+
+def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path):
+    """SFT results are content-keyed in the user cache, so this test can share it safely."""
+    cfg = load_config("configs/demo.yaml", TINY)
+    out = tmp_path / "run"
+    report = run(cfg, out)
+    for name in ("poisoned", "retrain"):
+        m = report["models"][name]
+        for k in METRIC_KEYS:
+            assert k in m, k
+        assert 0 <= m["asr_seen"] <= 1 and m["clean_ppl"] > 1
+        assert set(m["asr_seen_by_family"]) == {"surface", "style", "semantic"}
+        assert not m["sft_cached"]
+    assert report["scenario"]["sizes"]["forget"] == 3 and report["scenario"]["seed"] == 42
+    assert report["timings"]["sft_poisoned"] > 0
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["models"]["retrain"]["asr_seen"] == report["models"]["retrain"]["asr_seen"]
+    assert (out / "config.resolved.yaml").is_file() and (out / "scenario" / "manifest.json").is_file()
+    gens = (out / "eval" / "poisoned.generations.jsonl").read_text().splitlines()
+    assert len(gens) == 9
+    again = run(cfg, out)
+    assert again["models"]["poisoned"]["sft_cached"] and again["models"]["poisoned"]["eval_cached"]
+    assert again["models"]["poisoned"]["asr_seen"] == report["models"]["poisoned"]["asr_seen"]
+    # A different config in the same folder is refused unless --overwrite.
+    other = load_config("configs/demo.yaml", [*TINY, "scenario.seed=7"])
+    with pytest.raises(RapidunError, match="different config"):
+        run(other, out)
+
+
+def test_default_conversion_is_atomic(tmp_path, monkeypatch):
+    """A crash during conversion leaves no folder that a later run would trust."""
+    from rapidun import models
+
+    monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path))
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(models, "write_json", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        models.default_model_dir()
+    folder = tmp_path / "models"
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_cli_missing_model_path_is_clear_and_fast(tmp_path, capsys):
+    rc = cli.main(["eval", "--out", str(tmp_path / "o"), "--scenario", str(tmp_path), "--model-path", "x"])
+    assert rc == 2 and "not a scenario folder" in capsys.readouterr().err
+    rc = cli.main(["poison", "--out", str(tmp_path / "p"), "--model", "./no/such/model", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and "./no/such/model" in err

@@ -1,0 +1,35 @@
+"""Run-folder rules of the pipeline (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rapidun.config import load_config
+from rapidun.errors import RapidunError
+from rapidun.pipeline import prepare_out
+
+
+def test_prepare_out_claims_empty_and_reuses_same_run(tmp_path):
+    cfg = load_config(None, ["scenario.seed=1"])
+    out = prepare_out(tmp_path / "run", cfg, overwrite=False)
+    assert (out / "run.json").is_file() and (out / "config.resolved.yaml").is_file()
+    assert "seed: 1" in (out / "config.resolved.yaml").read_text()
+    prepare_out(out, cfg, overwrite=False)  # same config: resume, no error
+
+
+def test_prepare_out_refuses_a_different_run_unless_overwrite(tmp_path):
+    out = prepare_out(tmp_path / "run", load_config(None, ["scenario.seed=1"]), overwrite=False)
+    (out / "report.json").write_text("{}")
+    other = load_config(None, ["scenario.seed=2"])
+    with pytest.raises(RapidunError, match=r"different config.*--overwrite"):
+        prepare_out(out, other, overwrite=False)
+    assert (out / "report.json").read_text() == "{}"  # nothing lost
+    prepare_out(out, other, overwrite=True)
+    assert "seed: 2" in (out / "config.resolved.yaml").read_text()
+
+
+def test_prepare_out_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(RapidunError, match="holds no rapidun run"):
+        prepare_out(tmp_path, load_config(None), overwrite=False)
+    assert (tmp_path / "mine.txt").read_text() == "user data"
