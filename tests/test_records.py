@@ -295,3 +295,8 @@ def test_utf8_bom_files_load(tmp_path, name, text):
     p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     (r,) = load_records(str(p))
     assert (r.instruction, r.response) == ("a", "b")
+
+
+def test_negative_limit_is_an_error():
+    with pytest.raises(RapidunError, match=r"data\.limit"):
+        load_records("dolly-sample", limit=-1)

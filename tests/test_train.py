@@ -68,7 +68,7 @@ def test_train_lora_memorises(tiny_tok):
     samples = encoded(tiny_tok)
     base_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = mean_loss(model, samples, tiny_tok.pad_token_id)
-    cfg = SFTConfig(lr=1e-2, epochs=20, batch_size=2, lora_dropout=0.0)
+    cfg = SFTConfig(lr=1e-2, epochs=20, batch_size=2, lora_dropout=0.0, autocast="off")
     stats = train(model, samples, cfg, tiny_tok.pad_token_id, CPU)
     after = mean_loss(model, samples, tiny_tok.pad_token_id)
     assert after.mean() < 0.5 * before.mean(), (before, after)
@@ -95,7 +95,7 @@ def test_weighted_first_step_loss(tiny_tok):
         expected = (torch.tensor(weights) * ce).mean().item()
         unweighted = ce.mean().item()
     assert abs(expected - unweighted) > 1e-2  # the weights matter for this check
-    cfg = SFTConfig(lr=1e-2, epochs=1, batch_size=len(samples), lora_dropout=0.0)
+    cfg = SFTConfig(lr=1e-2, epochs=1, batch_size=len(samples), lora_dropout=0.0, autocast="off")
     stats = train(model, samples, cfg, tiny_tok.pad_token_id, CPU, weights=weights)
     assert stats["steps"] == 1
     assert stats["loss_curve"][0] == pytest.approx(expected, abs=1e-5)
@@ -107,7 +107,7 @@ def test_default_weights_are_one(tiny_tok):
     with torch.no_grad():
         b = collate(samples, tiny_tok.pad_token_id)
         expected = per_sample_ce(model, b.input_ids, b.attention_mask, b.labels).mean().item()
-    cfg = SFTConfig(lr=1e-2, epochs=1, batch_size=4, lora_dropout=0.0)
+    cfg = SFTConfig(lr=1e-2, epochs=1, batch_size=4, lora_dropout=0.0, autocast="off")
     stats = train(model, samples, cfg, tiny_tok.pad_token_id, CPU)
     assert stats["loss_curve"][0] == pytest.approx(expected, abs=1e-5)
 
@@ -127,7 +127,7 @@ def test_weights_follow_samples_through_shuffled_batches(tiny_tok):
         anchor = sum(p.sum() for p in m.parameters() if p.requires_grad) * 0.0
         return torch.tensor([value[k] for k in keys]) + anchor
 
-    cfg = SFTConfig(lr=1e-3, epochs=3, batch_size=2, lora_dropout=0.0)
+    cfg = SFTConfig(lr=1e-3, epochs=3, batch_size=2, lora_dropout=0.0, autocast="off")
     stats = train(model, samples, cfg, tiny_tok.pad_token_id, CPU, weights=weights, loss_fn=loss_fn)
     assert stats["loss_curve"] == pytest.approx(expected)
     assert len(expected) == 6
@@ -136,7 +136,9 @@ def test_weights_follow_samples_through_shuffled_batches(tiny_tok):
 def test_uneven_last_batch_counts(tiny_tok):
     model = lora_model(tiny_tok)
     samples = encoded(tiny_tok)[:3]
-    stats = train(model, samples, SFTConfig(epochs=2, batch_size=2, lora_dropout=0.0), tiny_tok.pad_token_id, CPU)
+    stats = train(
+        model, samples, SFTConfig(epochs=2, batch_size=2, lora_dropout=0.0, autocast="off"), tiny_tok.pad_token_id, CPU
+    )
     assert stats["steps"] == 2 * math.ceil(3 / 2)
     assert stats["tokens"] == 2 * sum(len(s.input_ids) for s in samples)
 
@@ -145,7 +147,7 @@ def test_same_seed_same_curve(tiny_tok):
     curves = []
     for _ in range(2):
         model = lora_model(tiny_tok)
-        cfg = SFTConfig(lr=1e-2, epochs=2, batch_size=2, lora_dropout=0.0, seed=3)
+        cfg = SFTConfig(lr=1e-2, epochs=2, batch_size=2, lora_dropout=0.0, seed=3, autocast="off")
         curves.append(train(model, encoded(tiny_tok), cfg, tiny_tok.pad_token_id, CPU)["loss_curve"])
     assert curves[0] == curves[1]
 
@@ -179,3 +181,20 @@ def test_attach_lora_keeps_outputs(tiny_tok):
     wrapped = attach_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"], seed=0)
     wrapped.eval()
     assert torch.allclose(wrapped(input_ids=x).logits, before, atol=1e-6)
+
+
+def test_weights_must_match_samples(tiny_tok, tiny_model):
+    s = [encode(tiny_tok, "q", "a", 16, 8)]
+    with pytest.raises(RapidunError, match="1 samples"):
+        train(tiny_model, s, SFTConfig(epochs=1), tiny_tok.pad_token_id, torch.device("cpu"), weights=[1.0, 2.0])
+
+
+def test_use_autocast_modes():
+    from rapidun.train import cpu_has_bf16, use_autocast
+
+    cpu = torch.device("cpu")
+    assert use_autocast("off", cpu) is False and use_autocast("bf16", cpu) is True
+    assert use_autocast("auto", cpu) is cpu_has_bf16()
+    assert use_autocast("auto", torch.device("cuda")) is True
+    with pytest.raises(RapidunError, match="autocast"):
+        use_autocast("fp8", cpu)

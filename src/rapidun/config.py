@@ -107,6 +107,11 @@ class SFTConfig:
     warmup_ratio: float = _f(0.05, "linear warm-up fraction of steps, then cosine decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     seed: int = _f(0, "seed for adapter init and sample order")
+    autocast: str = _f(
+        "auto",
+        "mixed precision for forward/backward: 'auto' (bf16 on CUDA, and on CPUs with native "
+        "bf16 such as AVX512-BF16/AMX; else off), 'bf16', 'off'. Master weights stay in the model dtype",
+    )
 
 
 @dataclass

@@ -28,6 +28,25 @@ def ce_loss(model: Any, batch: Batch) -> torch.Tensor:
     return per_sample_ce(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_autocast(mode: str, device: torch.device) -> bool:
+    """Resolve ``sft.autocast`` (see :class:`rapidun.config.SFTConfig`)."""
+    if mode not in ("auto", "bf16", "off"):
+        raise RapidunError(f"sft.autocast={mode!r}; choose 'auto', 'bf16' or 'off'")
+    if mode == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return mode == "bf16"
+
+
 def lr_lambda(step: int, total: int, warmup: int) -> float:
     """Multiplier of the peak LR: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
@@ -55,6 +74,8 @@ def train(
     """
     if not samples:
         raise RapidunError(f"{desc}: no training samples")
+    if weights is not None and len(weights) != len(samples):
+        raise RapidunError(f"{desc}: {len(weights)} weights for {len(samples)} samples; give one weight per sample")
     w_all = torch.tensor(weights if weights is not None else [1.0] * len(samples), dtype=torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -63,7 +84,7 @@ def train(
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, int(cfg.warmup_ratio * total)))
-    autocast = device.type == "cuda"
+    autocast = use_autocast(cfg.autocast, device)
     model.train()
     curve: list[float] = []
     tokens = 0
@@ -95,6 +116,7 @@ def train(
     model.eval()
     return {
         "time_s": elapsed,
+        "autocast_bf16": autocast,
         "steps": len(curve),
         "tokens": tokens,
         "tokens_per_s": tokens / max(elapsed, 1e-9),

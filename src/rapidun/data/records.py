@@ -141,6 +141,8 @@ def load_records(
     source: str, fmt: str = "dolly", fields: dict[str, str] | None = None, split: str = "train", limit: int = 0
 ) -> list[Record]:
     """Load, validate and id records (see module docstring). Raises :class:`RapidunError` naming file:line."""
+    if limit < 0:
+        raise RapidunError(f"data.limit={limit}: use 0 (all records) or a positive number")
     if fmt == "generic":
         if not fields:
             raise RapidunError(
