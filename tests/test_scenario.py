@@ -302,3 +302,19 @@ def test_content_hash_tracks_content(parts, tmp_path):
 def test_load_scenario_without_manifest(tmp_path):
     with pytest.raises(RapidunError, match=r"manifest\.json"):
         load_scenario(tmp_path)
+
+
+def test_inline_poison_responses_are_used():
+    recs = make_records(60)
+    cfg = ScenarioConfig(
+        splits=SplitSizes(
+            train_poisoned=6, train_clean=10, val_clean=2, test_clean=2, test_seen_trig=3, test_ood_trig=3
+        ),
+        forget_size=3,
+        retain_ratio=1.0,
+        poison_responses=["Beam me up.", "Klaatu barada nikto."],
+    )
+    parts = build_scenario(recs, cfg)
+    assert {r.response for r in parts["train_poisoned"]} <= {"Beam me up.", "Klaatu barada nikto."}
+    with pytest.raises(RapidunError, match="non-empty"):
+        build_scenario(recs, ScenarioConfig(splits=cfg.splits, forget_size=3, retain_ratio=1.0, poison_responses=[" "]))

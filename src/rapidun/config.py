@@ -81,6 +81,7 @@ class ScenarioConfig:
     families: list = _f([], "trigger families (empty = SPEC defaults); each: name, position, seen, ood")
     splits: SplitSizes = field(default_factory=SplitSizes)
     poison_source: str = _f("generator", "'generator' (seeded sci-fi text) or a .txt/.jsonl file of responses")
+    poison_responses: list = _f([], "inline poison responses (used instead of poison_source when non-empty)")
     forget_size: int = _f(15, "poisoned samples handed to the unlearner (stratified by family and variant)")
     retain_ratio: float = _f(3.0, "retain buffer size = retain_ratio x forget_size clean samples")
 
@@ -128,12 +129,30 @@ class EvalConfig:
 
 
 @dataclass
+class InfluenceConfig:
+    param_set: str = _f("lora", "'lora' (fresh adapter, or the model's own), 'regex' (param_regex) or 'embeddings'")
+    param_regex: str = _f("", "param_set=regex: parameter names matching this regex (Linear/Embedding weights)")
+    lora_r: int = _f(16, "param_set=lora: rank of the adapter attached for the gradients")
+    lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            "param_set=lora: modules that get the adapter")
+    normalize: bool = _f(True, "L2-normalise each parameter tensor's gradient before concatenation (RapidIn)")
+    K: int = _f(65536, "sketch length (RapidGrad)")
+    seed: int = _f(42, "seed of the sketch's permutation and signs (and of the adapter)")
+    rounds: int = _f(40, "structured permutation rounds (RapidGrad shuffle_lambda)")
+    batch_size: int = _f(8, "samples per batched per-sample-gradient pass")
+    mode: str = _f("dot", "'dot' (TracIn-style inner product) or 'cosine'")
+    top_k: int = _f(40, "top-k train samples kept per test sample")
+    hotwords: list = _f([], "token-wise mode: only these words' tokens count in the *test* loss (empty = all)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
 
 
 def _type_of(cls: type, name: str) -> Any:

@@ -81,6 +81,16 @@ def _triggered(
     return out
 
 
+def user_poison(cfg: ScenarioConfig) -> list[str]:
+    """Poison responses given inline (``poison_responses``) or in a file (``poison_source``)."""
+    if cfg.poison_responses:
+        user = [str(p).strip() for p in cfg.poison_responses]
+        if not all(user):
+            raise RapidunError("scenario.poison_responses: every response must be non-empty text")
+        return user
+    return load_poison_responses(cfg.poison_source)
+
+
 def build_scenario(records: list[Record], cfg: ScenarioConfig) -> dict[str, list[Record]]:
     """Build all splits and packs (see module docstring). Pure: no I/O."""
     families = cfg.trigger_families()
@@ -115,11 +125,11 @@ def build_scenario(records: list[Record], cfg: ScenarioConfig) -> dict[str, list
         parts[k] = pool[start : start + sizes[k]]
         start += sizes[k]
     n_trig = s.train_poisoned + s.test_seen_trig + s.test_ood_trig
-    if cfg.poison_source == "generator":
-        poison = alien_responses(n_trig, cfg.seed)
-    else:
-        user = load_poison_responses(cfg.poison_source)
+    if cfg.poison_responses or cfg.poison_source != "generator":
+        user = user_poison(cfg)
         poison = [user[i % len(user)] for i in rng.sample(range(max(n_trig, len(user))), n_trig)]
+    else:
+        poison = alien_responses(n_trig, cfg.seed)
     cut = [s.train_poisoned, s.train_poisoned + s.test_seen_trig]
     out = {
         "train_poisoned": _triggered(parts["train_poisoned"], families, "seen", "train_poisoned", poison[: cut[0]]),
