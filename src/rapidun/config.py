@@ -133,8 +133,10 @@ class InfluenceConfig:
     param_set: str = _f("lora", "'lora' (fresh adapter, or the model's own), 'regex' (param_regex) or 'embeddings'")
     param_regex: str = _f("", "param_set=regex: parameter names matching this regex (Linear/Embedding weights)")
     lora_r: int = _f(16, "param_set=lora: rank of the adapter attached for the gradients")
-    lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                            "param_set=lora: modules that get the adapter")
+    lora_targets: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "param_set=lora: modules that get the adapter",
+    )
     normalize: bool = _f(True, "L2-normalise each parameter tensor's gradient before concatenation (RapidIn)")
     K: int = _f(65536, "sketch length (RapidGrad)")
     seed: int = _f(42, "seed of the sketch's permutation and signs (and of the adapter)")

@@ -1,0 +1,1 @@
+"""Influence estimation: per-sample gradient sketches and their inner products."""
