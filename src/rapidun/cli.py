@@ -116,6 +116,71 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print({k: m[k] for k in ("asr_seen", "asr_ood", "false_trigger", "clean_ppl")})
 
 
+def _records_arg(path: str, cfg: Any) -> list:
+    from rapidun.data.records import load_records
+
+    return load_records(path, cfg.data.format, cfg.data.fields)
+
+
+def cmd_influence(args: argparse.Namespace) -> None:
+    from rapidun.influence.engine import influence
+    from rapidun.influence.retrieval import write_matrix, write_topk_jsonl
+    from rapidun.io import write_json
+    from rapidun.pipeline import prepare_out
+
+    cfg = _load(args)
+    out = prepare_out(args.out, cfg, args.overwrite)
+    train, test = _records_arg(args.train, cfg), _records_arg(args.test, cfg)
+    res = influence(args.model_path or cfg.model.name, train, test, cfg.model, cfg.influence)
+    write_matrix(out / "influence.pt", res["matrix"], res["train_ids"], res["test_ids"], meta=res["config"])
+    write_topk_jsonl(out / "topk.jsonl", res["topk"])
+    write_json(
+        out / "influence.json", {"stats": res["stats"], "config": res["config"], "shape": list(res["matrix"].shape)}
+    )
+    st = res["stats"]
+    n = st["train"]["computed"] + st["test"]["computed"]
+    print(f"influence matrix {tuple(res['matrix'].shape)} (train x test, {cfg.influence.mode}) -> {out}/influence.pt")
+    print(
+        f"D={st['D']}  computed {n} sketches (grad {st['train']['grad_s'] + st['test']['grad_s']:.1f} s, sketch "
+        f"{st['train']['sketch_s'] + st['test']['sketch_s']:.2f} s), total {st['total_s']:.1f} s"
+    )
+
+
+def cmd_influence_check(args: argparse.Namespace) -> None:
+    from rapidun.data.scenario import load_scenario
+    from rapidun.influence.check import sketch_fidelity
+    from rapidun.influence.engine import exact_grads, prepare
+    from rapidun.io import write_json
+    from rapidun.models import resolve_model_path
+    from rapidun.pipeline import prepare_out, stage_scenario
+
+    cfg = _load(args)
+    out = prepare_out(args.out, cfg, args.overwrite)
+    parts = load_scenario(args.scenario)[0] if args.scenario else stage_scenario(cfg, out)[0]
+    recs = (parts["forget"] + parts["retain"])[: args.n]
+    model_name = resolve_model_path(args.model_path or cfg.model.name)
+    model, tok, pset, info = prepare(model_name, cfg.model, cfg.influence)
+    G = exact_grads(model, tok, pset, recs, cfg.model, cfg.influence)  # (n, D)
+    rows = sketch_fidelity(G, args.K, cfg.influence.seed, cfg.influence.rounds, k=args.topk)
+    result = {
+        "model": model_name,
+        "param_set": cfg.influence.param_set,
+        "D": pset.dim,
+        "n_samples": len(recs),
+        "normalize": cfg.influence.normalize,
+        "device": info["device"],
+        "results": rows,
+        "leave_one_out": "not implemented yet (see README, Limits)",
+    }
+    write_json(out / "influence_check.json", result)
+    print(f"sketch fidelity on {len(recs)} forget+retain samples, D={pset.dim} ({cfg.influence.param_set})")
+    print("K        pearson  spearman  top-k overlap")
+    for r in rows:
+        ov = next(v for k, v in r.items() if k.endswith("_overlap"))
+        print(f"{r['K']:<8d} {r['pearson']:7.4f}  {r['spearman']:8.4f}  {ov:13.3f}")
+    print(f"written: {out / 'influence_check.json'}")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from rapidun.config import describe, dump_yaml
 
@@ -146,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="model folder or hub id to evaluate")
     p.add_argument("--name", help="name for the output files (default: folder name)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("influence", help="per-sample gradient sketches (cached) and the train x test influence matrix")
+    _common(p)
+    p.add_argument("--model-path", help="model to take gradients at (default: model.name), e.g. the poisoned model")
+    p.add_argument("--train", required=True, help="JSONL/CSV of train samples (format from data.format)")
+    p.add_argument("--test", required=True, help="JSONL/CSV of test samples")
+    p.set_defaults(fn=cmd_influence)
+    p = sub.add_parser("influence-check", help="sketch fidelity: sketched vs exact inner products for several K")
+    _common(p)
+    p.add_argument("--model-path", help="model to take gradients at (default: model.name)")
+    p.add_argument("--scenario", help="scenario folder whose forget+retain packs are used (default: build from config)")
+    p.add_argument("--n", type=int, default=60, help="number of forget+retain samples (default 60)")
+    p.add_argument("--K", type=int, nargs="+", default=[2**12, 2**14, 2**16], help="sketch lengths")
+    p.add_argument("--topk", type=int, default=10, help="k of the top-k overlap")
+    p.set_defaults(fn=cmd_influence_check)
     p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
     _common(p, out_required=False)
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")

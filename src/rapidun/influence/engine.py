@@ -1,0 +1,176 @@
+"""The influence engine: batched per-sample gradients → RapidGrad sketches (cached) → influence matrices.
+
+Influence(train i, test j) = ⟨P(g_i), P(g_j)⟩ (TracIn-style, single checkpoint), where g is the gradient of a
+sample's mean answer-token loss at the given model w.r.t. the chosen parameter set (SPEC §2 steps 2–5) and P the
+RapidGrad sketch. Token-wise mode ("hotwords") restricts the *test* loss to the tokens of chosen words.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rapidun.config import InfluenceConfig, ModelConfig, to_dict
+from rapidun.data.records import Record
+from rapidun.data.template import collate
+from rapidun.errors import RapidunError
+from rapidun.finetune import FORMAT_VERSION, encode_records
+from rapidun.influence.cache import SketchCache
+from rapidun.influence.grads import ParamSet, has_answer, per_sample_grads, restrict_labels, select_params
+from rapidun.influence.retrieval import influence_matrix, topk
+from rapidun.influence.sketch import RapidGrad
+from rapidun.io import stable_hash
+from rapidun.models import attach_lora, cache_root, fingerprint, load_model, resolve_model_path
+
+
+def prepare(model_name: str, mcfg: ModelConfig, icfg: InfluenceConfig) -> tuple[Any, Any, ParamSet, dict]:
+    """Load the model, attach the influence adapter when needed, select the parameter set."""
+    model, tok, info = load_model(model_name, mcfg.device, mcfg.dtype)
+    if icfg.param_set == "lora" and not any("lora_" in n for n, _ in model.named_parameters()):
+        # A fresh adapter has B = 0: only the B matrices get gradient, i.e. the full weight gradient seen
+        # through the random A (a random low-rank projection of it). An existing trained adapter is used as is.
+        model = attach_lora(model, icfg.lora_r, icfg.lora_r, 0.0, icfg.lora_targets, icfg.seed)
+    model.eval()
+    pset = select_params(model, icfg.param_set, icfg.param_regex or None)
+    return model, tok, pset, info
+
+
+def hotword_ids(tok: Any, words: list[str]) -> set[int]:
+    """Token ids of ``words`` as they appear inside text (with and without a leading space, any case given)."""
+    ids: set[int] = set()
+    for w in words:
+        for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
+            ids.update(tok(form, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def cache_meta(model_path: str, mcfg: ModelConfig, icfg: InfluenceConfig, pset: ParamSet, hot: list[str]) -> dict:
+    """What a cached sketch means; any change here gives a different cache."""
+    return {
+        "model": fingerprint(model_path),
+        "param_set": icfg.param_set,
+        "param_regex": icfg.param_regex,
+        "lora_r": icfg.lora_r,
+        "lora_targets": icfg.lora_targets,
+        "D": pset.dim,
+        "K": icfg.K,
+        "seed": icfg.seed,
+        "rounds": icfg.rounds,
+        "normalize": icfg.normalize,
+        "hotwords": sorted(hot),
+        "max_length": mcfg.max_length,
+        "max_prompt_tokens": mcfg.max_prompt_tokens,
+        "system_prompt": mcfg.system_prompt,
+        "format": FORMAT_VERSION,
+    }
+
+
+def open_cache(meta: dict, folder: str | Path | None = None) -> SketchCache:
+    """The sketch cache for ``meta`` (default: ``$RAPIDUN_CACHE/sketches/<hash of meta>``)."""
+    folder = Path(folder) if folder else cache_root() / "sketches" / stable_hash(meta)
+    return SketchCache(folder, meta)
+
+
+def sketch_records(
+    model: Any,
+    tok: Any,
+    pset: ParamSet,
+    proj: RapidGrad,
+    cache: SketchCache,
+    records: list[Record],
+    mcfg: ModelConfig,
+    icfg: InfluenceConfig,
+    hot: set[int] | None = None,
+    desc: str = "sketch",
+) -> dict[str, Any]:
+    """Compute and cache the sketches of the records not yet in ``cache``. Returns measured statistics.
+
+    Samples with no answer tokens (possible only in token-wise mode) get a zero sketch and are counted.
+    """
+    todo = set(cache.missing([r.id for r in records]))
+    recs = [r for r in records if r.id in todo]
+    device = next(model.parameters()).device
+    stats = {
+        "computed": len(recs),
+        "cached": len(records) - len(recs),
+        "no_answer_tokens": 0,
+        "grad_s": 0.0,
+        "sketch_s": 0.0,
+        "write_s": 0.0,
+    }
+    if not recs:
+        return stats
+    enc, trunc = encode_records(tok, recs, mcfg)
+    stats["truncation"] = trunc
+    for s in tqdm(range(0, len(recs), icfg.batch_size), desc=desc, unit="batch", mininterval=2.0):
+        batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
+        if hot is not None:
+            batch.labels = restrict_labels(batch.labels, hot)
+        stats["no_answer_tokens"] += int((~has_answer(batch.labels)).sum())
+        t0 = time.perf_counter()
+        G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
+        t1 = time.perf_counter()
+        S = proj.project(G)  # (B, K)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        cache.add([r.id for r in recs[s : s + icfg.batch_size]], S)
+        t3 = time.perf_counter()
+        stats["grad_s"] += t1 - t0
+        stats["sketch_s"] += t2 - t1
+        stats["write_s"] += t3 - t2
+    return stats
+
+
+def influence(
+    model_name: str, train: list[Record], test: list[Record], mcfg: ModelConfig, icfg: InfluenceConfig
+) -> dict[str, Any]:
+    """Influence of every ``train`` record on every ``test`` record.
+
+    Returns ``{"matrix": (N, Q) tensor, "train_ids", "test_ids", "topk": rows, "stats": measured timings}``.
+    """
+    if not train or not test:
+        raise RapidunError(f"influence needs non-empty sets (got {len(train)} train, {len(test)} test records)")
+    t0 = time.perf_counter()
+    path = resolve_model_path(model_name)
+    model, tok, pset, info = prepare(path, mcfg, icfg)
+    proj = RapidGrad(pset.dim, icfg.K, icfg.seed, icfg.rounds, device=next(model.parameters()).device)
+    load_s = time.perf_counter() - t0
+    stats: dict[str, Any] = {"load_s": load_s, "D": pset.dim, "params": len(pset.names), "device": info["device"]}
+    hot = hotword_ids(tok, icfg.hotwords) if icfg.hotwords else None
+    train_cache = open_cache(cache_meta(path, mcfg, icfg, pset, []))
+    stats["train"] = sketch_records(model, tok, pset, proj, train_cache, train, mcfg, icfg, None, "sketch:train")
+    test_cache = train_cache if hot is None else open_cache(cache_meta(path, mcfg, icfg, pset, icfg.hotwords))
+    stats["test"] = sketch_records(model, tok, pset, proj, test_cache, test, mcfg, icfg, hot, "sketch:test")
+    t1 = time.perf_counter()
+    A = train_cache.load([r.id for r in train])  # (N, K)
+    B = test_cache.load([r.id for r in test])  # (Q, K)
+    M = influence_matrix(A, B, icfg.mode)  # (N, Q)
+    stats["retrieval_s"] = time.perf_counter() - t1
+    stats["total_s"] = time.perf_counter() - t0
+    train_ids, test_ids = [r.id for r in train], [r.id for r in test]
+    return {
+        "matrix": M,
+        "train_ids": train_ids,
+        "test_ids": test_ids,
+        "topk": topk(M, icfg.top_k, train_ids, test_ids),
+        "stats": stats,
+        "config": to_dict(icfg),
+    }
+
+
+def exact_grads(
+    model: Any, tok: Any, pset: ParamSet, records: list[Record], mcfg: ModelConfig, icfg: InfluenceConfig
+) -> torch.Tensor:
+    """(n, D) float32 per-sample gradients of ``records`` (no sketch), batched."""
+    enc, _ = encode_records(tok, records, mcfg)
+    device = next(model.parameters()).device
+    out = []
+    for s in tqdm(range(0, len(enc), icfg.batch_size), desc="exact grads", unit="batch", mininterval=2.0):
+        batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
+        out.append(per_sample_grads(model, batch, pset, normalize=icfg.normalize))  # (B, D)
+    return torch.cat(out)  # (n, D)
