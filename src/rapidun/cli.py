@@ -123,15 +123,20 @@ def _records_arg(path: str, cfg: Any) -> list:
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
+    from rapidun.distributed import barrier, init_from_env, is_main
     from rapidun.influence.engine import influence
     from rapidun.influence.retrieval import write_matrix, write_topk_jsonl
     from rapidun.io import write_json
     from rapidun.pipeline import prepare_out
 
+    init_from_env()  # several ranks under torchrun / accelerate launch; results are the same
     cfg = _load(args)
-    out = prepare_out(args.out, cfg, args.overwrite)
+    out = prepare_out(args.out, cfg, args.overwrite) if is_main() else Path(args.out)
+    barrier()
     train, test = _records_arg(args.train, cfg), _records_arg(args.test, cfg)
     res = influence(args.model_path or cfg.model.name, train, test, cfg.model, cfg.influence)
+    if not is_main():
+        return
     write_matrix(out / "influence.pt", res["matrix"], res["train_ids"], res["test_ids"], meta=res["config"])
     write_topk_jsonl(out / "topk.jsonl", res["topk"])
     write_json(

@@ -33,7 +33,9 @@ def cache_root() -> Path:
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → ``cuda`` when available, else ``cpu``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")  # one GPU per rank under torchrun
+        return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RapidunError(f"model.device={device!r} but CUDA is not available here; use model.device=cpu or auto")

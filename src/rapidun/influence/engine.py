@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from rapidun.config import InfluenceConfig, ModelConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.data.template import collate
+from rapidun.distributed import barrier, broadcast, gather_dicts, is_main, rank_world
 from rapidun.errors import RapidunError
 from rapidun.finetune import FORMAT_VERSION, encode_records
 from rapidun.influence.cache import SketchCache
@@ -80,7 +81,7 @@ def sketch_records(
     tok: Any,
     pset: ParamSet,
     proj: RapidGrad,
-    cache: SketchCache,
+    cache: SketchCache | None,
     records: list[Record],
     mcfg: ModelConfig,
     icfg: InfluenceConfig,
@@ -89,9 +90,12 @@ def sketch_records(
 ) -> dict[str, Any]:
     """Compute and cache the sketches of the records not yet in ``cache``. Returns measured statistics.
 
+    Under ``torchrun`` every rank computes whole batches (rank r: batches r, r+W, ...) and rank 0, the only
+    process that touches the cache (``cache`` is None elsewhere), writes them in the single-process order.
     Samples with no answer tokens (possible only in token-wise mode) get a zero sketch and are counted.
     """
-    todo = set(cache.missing([r.id for r in records]))
+    rank, world = rank_world()
+    todo = set(broadcast(cache.missing([r.id for r in records]) if cache is not None else None))
     recs = [r for r in records if r.id in todo]
     device = next(model.parameters()).device
     stats = {
@@ -101,28 +105,37 @@ def sketch_records(
         "grad_s": 0.0,
         "sketch_s": 0.0,
         "write_s": 0.0,
+        "ranks": world,
     }
     if not recs:
         return stats
     enc, trunc = encode_records(tok, recs, mcfg)
     stats["truncation"] = trunc
-    for s in tqdm(range(0, len(recs), icfg.batch_size), desc=desc, unit="batch", mininterval=2.0):
+    starts = list(range(0, len(recs), icfg.batch_size))
+    mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
+    for s in tqdm(starts[rank::world], desc=desc, unit="batch", mininterval=2.0, disable=rank != 0):
         batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
         if hot is not None:
             batch.labels = restrict_labels(batch.labels, hot)
-        stats["no_answer_tokens"] += int((~has_answer(batch.labels)).sum())
+        empty = int((~has_answer(batch.labels)).sum())
         t0 = time.perf_counter()
         G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
         t1 = time.perf_counter()
         S = proj.project(G)  # (B, K)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        cache.add([r.id for r in recs[s : s + icfg.batch_size]], S)
-        t3 = time.perf_counter()
         stats["grad_s"] += t1 - t0
-        stats["sketch_s"] += t2 - t1
-        stats["write_s"] += t3 - t2
+        stats["sketch_s"] += time.perf_counter() - t1
+        mine[s] = ([r.id for r in recs[s : s + icfg.batch_size]], S.cpu(), empty)
+    everything = gather_dicts(mine)
+    if cache is not None:
+        t0 = time.perf_counter()
+        for s in starts:
+            ids, S, _ = everything[s]
+            cache.add(ids, S)
+        stats["write_s"] = time.perf_counter() - t0
+    stats["no_answer_tokens"] = sum(v[2] for v in everything.values())
+    barrier()
     return stats
 
 
@@ -142,14 +155,20 @@ def influence(
     load_s = time.perf_counter() - t0
     stats: dict[str, Any] = {"load_s": load_s, "D": pset.dim, "params": len(pset.names), "device": info["device"]}
     hot = hotword_ids(tok, icfg.hotwords) if icfg.hotwords else None
-    train_cache = open_cache(cache_meta(path, mcfg, icfg, pset, []))
+    main = is_main()  # only rank 0 opens and writes the caches
+    train_cache = open_cache(cache_meta(path, mcfg, icfg, pset, [])) if main else None
     stats["train"] = sketch_records(model, tok, pset, proj, train_cache, train, mcfg, icfg, None, "sketch:train")
-    test_cache = train_cache if hot is None else open_cache(cache_meta(path, mcfg, icfg, pset, icfg.hotwords))
+    test_cache = train_cache
+    if hot is not None:
+        test_cache = open_cache(cache_meta(path, mcfg, icfg, pset, icfg.hotwords)) if main else None
     stats["test"] = sketch_records(model, tok, pset, proj, test_cache, test, mcfg, icfg, hot, "sketch:test")
     t1 = time.perf_counter()
-    A = train_cache.load([r.id for r in train])  # (N, K)
-    B = test_cache.load([r.id for r in test])  # (Q, K)
-    M = influence_matrix(A, B, icfg.mode)  # (N, Q)
+    M = None
+    if main:
+        A = train_cache.load([r.id for r in train])  # (N, K)
+        B = test_cache.load([r.id for r in test])  # (Q, K)
+        M = influence_matrix(A, B, icfg.mode)  # (N, Q)
+    M = broadcast(M)
     stats["retrieval_s"] = time.perf_counter() - t1
     stats["total_s"] = time.perf_counter() - t0
     train_ids, test_ids = [r.id for r in train], [r.id for r in test]
