@@ -101,3 +101,35 @@ def test_cli_missing_model_path_is_clear_and_fast(tmp_path, capsys):
     rc = cli.main(["poison", "--out", str(tmp_path / "p"), "--model", "./no/such/model", *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and "./no/such/model" in err
+
+
+def test_influence_check_on_default_model(tmp_path):
+    out = tmp_path / "check"
+    rc = cli.main(
+        [
+            "influence-check",
+            "--config",
+            "configs/demo.yaml",
+            "--out",
+            str(out),
+            "--n",
+            "6",
+            "--K",
+            "4096",
+            "65536",
+            "--loo-train",
+            "4",
+            "--loo-test",
+            "2",
+            "--loo-removed",
+            "2",
+            "--loo-steps",
+            "1",
+            *TINY,
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "influence_check.json").read_text())
+    assert res["D"] > 1_000_000 and [r["K"] for r in res["results"]] == [4096, 65536]
+    assert all(-1 <= r["spearman"] <= 1 for r in res["results"])
+    assert res["leave_one_out"]["pairs"] == 4
