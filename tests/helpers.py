@@ -43,11 +43,19 @@ def make_tokenizer(chat_template: bool = True, pad: bool = True) -> PreTrainedTo
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
 
 
-def make_model(vocab_size: int, seed: int = 0, init_range: float = 0.02) -> LlamaForCausalLM:
+def make_model(
+    vocab_size: int,
+    seed: int = 0,
+    init_range: float = 0.02,
+    tied: bool = False,
+    bias: bool = False,
+    pad_token_id: int | None = None,
+) -> LlamaForCausalLM:
     """A tiny random Llama (hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64) in eval mode.
 
     ``init_range`` is the weights' init std; the Llama default 0.02 gives near-uniform logits that a q/v LoRA
-    can barely move, so training tests use a larger one.
+    can barely move, so training tests use a larger one. ``tied``, ``bias`` and ``pad_token_id`` give tied
+    embeddings, Linear biases and an embedding padding row.
     """
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -58,7 +66,10 @@ def make_model(vocab_size: int, seed: int = 0, init_range: float = 0.02) -> Llam
         num_key_value_heads=2,
         intermediate_size=64,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=bias,
+        pad_token_id=pad_token_id,
         initializer_range=init_range,
     )
     return LlamaForCausalLM(cfg).eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import make_model
 from rapidun.data.template import Batch, collate, encode, format_prompt
@@ -25,23 +24,8 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj", "dow
 
 
 def tiny_llama(vocab, tied=False, bias=False, pad_token_id=None, seed=0):
-    """Like helpers.make_model, with optional tied embeddings, Linear biases and an embedding padding row."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        attention_bias=bias,
-        mlp_bias=bias,
-        pad_token_id=pad_token_id,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """helpers.make_model with a training-sized init (0.2)."""
+    return make_model(vocab, seed=seed, init_range=0.2, tied=tied, bias=bias, pad_token_id=pad_token_id)
 
 
 def make_batch(tok):
