@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rapidun import __version__
-from rapidun.config import RunConfig, dump_yaml, to_dict
+from rapidun.config import ModelConfig, RunConfig, dump_yaml, to_dict
 from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import build_scenario, save_scenario
 from rapidun.errors import RapidunError
@@ -102,8 +102,6 @@ def stage_eval(
     f = out / "eval" / f"{name}.json"
     if f.is_file() and read_json(f).get("key") == key:
         return {**read_json(f)["metrics"], "cached": True}
-    from rapidun.config import ModelConfig
-
     mcfg = ModelConfig(**{**to_dict(cfg.model), "name": model_path})
     m = evaluate_model(model_path, parts, det, cfg.eval, mcfg, out / "eval" / f"{name}.generations.jsonl", name)
     write_json(f, {"key": key, "model": model_path, "metrics": m})
