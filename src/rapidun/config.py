@@ -148,6 +148,24 @@ class InfluenceConfig:
 
 
 @dataclass
+class WeightingConfig:
+    top_k: int = _f(40, "per test sample keep the top-k influence values (largest, raw), zero elsewhere")
+    include_self: bool = _f(
+        False, "count self-pairs (i, i) of the forget×forget and retain×retain views (the authors did)"
+    )
+    alpha: float = _f(1.0, "S_forget = alpha·FF − beta·FR: weight of forget←forget")
+    beta: float = _f(1.0, "S_forget = alpha·FF − beta·FR: weight of forget←retain")
+    gamma: float = _f(1.0, "S_retain = gamma·RR − delta·RF: weight of retain←retain")
+    delta: float = _f(1.0, "S_retain = gamma·RR − delta·RF: weight of retain←forget")
+    scale_method: str = _f("mad", "robust scale of S: 'mad' (1.4826·MAD) or 'iqr' (IQR/1.349)")
+    floor: float = _f(1e-3, "lower bound of the robust scale (> 0); all-equal scores give z = 0")
+    tau_forget: float = _f(0.7, "temperature of the forget weights, w = exp(clip(z/tau, ln w_min, ln w_max))")
+    tau_retain: float = _f(1.2, "temperature of the retain weights")
+    w_min: float = _f(0.2, "lower weight bound, applied before the division by the group mean")
+    w_max: float = _f(3.0, "upper weight bound, applied before the division by the group mean")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +173,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
 
 def _type_of(cls: type, name: str) -> Any:

@@ -41,37 +41,18 @@ that definition does not reproduce the authors' weight files (max error 2.3), th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from rapidun.config import _f
+from rapidun.config import WeightingConfig
 from rapidun.errors import RapidunError
 
 ArrayLike = torch.Tensor | np.ndarray
 MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): makes the MAD a consistent estimate of σ for normal data
 IQR_TO_SIGMA = 1.349  # Φ⁻¹(3/4) − Φ⁻¹(1/4): IQR of the standard normal
 SCALE_METHODS = ("mad", "iqr")
-
-
-@dataclass
-class WeightingConfig:
-    top_k: int = _f(40, "per test sample keep the top-k influence values (largest, raw), zero elsewhere")
-    include_self: bool = _f(
-        False, "count self-pairs (i, i) of the forget×forget and retain×retain views (the authors did)"
-    )
-    alpha: float = _f(1.0, "S_forget = alpha·FF − beta·FR: weight of forget←forget")
-    beta: float = _f(1.0, "S_forget = alpha·FF − beta·FR: weight of forget←retain")
-    gamma: float = _f(1.0, "S_retain = gamma·RR − delta·RF: weight of retain←retain")
-    delta: float = _f(1.0, "S_retain = gamma·RR − delta·RF: weight of retain←forget")
-    scale_method: str = _f("mad", "robust scale of S: 'mad' (1.4826·MAD) or 'iqr' (IQR/1.349)")
-    floor: float = _f(1e-3, "lower bound of the robust scale (> 0); all-equal scores give z = 0")
-    tau_forget: float = _f(0.7, "temperature of the forget weights, w = exp(clip(z/tau, ln w_min, ln w_max))")
-    tau_retain: float = _f(1.2, "temperature of the retain weights")
-    w_min: float = _f(0.2, "lower weight bound, applied before the division by the group mean")
-    w_max: float = _f(3.0, "upper weight bound, applied before the division by the group mean")
 
 
 def _as_f64(x: ArrayLike, name: str, ndim: int) -> torch.Tensor:
