@@ -17,8 +17,7 @@ import torch
 
 from rapidun.config import InfluenceConfig, ModelConfig
 from rapidun.data.records import load_records
-from rapidun.data.template import collate
-from rapidun.finetune import encode_records
+from rapidun.data.template import collate, encode_records
 from rapidun.influence.cache import SketchCache
 from rapidun.influence.engine import prepare
 from rapidun.influence.grads import per_sample_grads, per_sample_grads_loop

@@ -11,9 +11,8 @@ from helpers import make_model, make_tokenizer
 from rapidun import cli
 from rapidun.config import InfluenceConfig, ModelConfig
 from rapidun.data.records import Record
-from rapidun.data.template import collate
+from rapidun.data.template import collate, encode_records
 from rapidun.errors import RapidunError
-from rapidun.finetune import encode_records
 from rapidun.influence.check import pearson, rank, sketch_fidelity, spearman, topk_overlap
 from rapidun.influence.engine import exact_grads, influence, prepare
 from rapidun.influence.grads import per_sample_grads

@@ -51,8 +51,14 @@ def test_default_model_loads_with_chat_template_and_pad():
     assert ids and ids[0] != tok.bos_token_id  # the 5.x conversion prepends no BOS
 
 
-def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path):
-    """SFT results are content-keyed in the user cache, so this test can share it safely."""
+def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch):
+    """A private cache (so the first run really trains), sharing only the converted default model."""
+    from rapidun.models import default_model_dir
+
+    converted = default_model_dir()
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / converted.name).symlink_to(converted)
+    monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
     cfg = load_config("configs/demo.yaml", TINY)
     out = tmp_path / "run"
     report = run(cfg, out)

@@ -170,7 +170,7 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
     del G
     loo = None
     if args.loo_train > 0:
-        from rapidun.finetune import encode_records
+        from rapidun.data.template import encode_records
         from rapidun.influence.loo import leave_one_out
 
         enc, _ = encode_records(tok, recs[: args.loo_train + args.loo_test], cfg.model)

@@ -15,32 +15,10 @@ import torch
 
 from rapidun.config import ModelConfig, SFTConfig, to_dict
 from rapidun.data.records import Record
-from rapidun.data.template import Encoded, encode, format_prompt
+from rapidun.data.template import FORMAT_VERSION, encode_records
 from rapidun.io import atomic_path, read_json, stable_hash, write_json
 from rapidun.models import attach_lora, cache_root, fingerprint, load_model, resolve_model_path
 from rapidun.train import train
-
-FORMAT_VERSION = 1  # bump when prompt formatting/encoding changes, to invalidate cached models
-
-
-def encode_records(tok: Any, records: list[Record], mcfg: ModelConfig) -> tuple[list[Encoded], dict[str, int]]:
-    """Encode records with the one prompt format; returns samples and truncation counts."""
-    enc = [
-        encode(
-            tok,
-            format_prompt(tok, r.instruction, r.context, mcfg.system_prompt),
-            r.response,
-            mcfg.max_length,
-            mcfg.max_prompt_tokens,
-        )
-        for r in records
-    ]
-    stats = {
-        "samples": len(enc),
-        "prompt_truncated": sum(e.prompt_truncated for e in enc),
-        "answer_truncated": sum(e.answer_truncated for e in enc),
-    }
-    return enc, stats
 
 
 def sft_key(base_path: str, records: list[Record], mcfg: ModelConfig, scfg: SFTConfig) -> str:

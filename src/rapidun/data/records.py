@@ -77,7 +77,7 @@ def asset_path(name: str) -> Path:
     return Path(str(resources.files("rapidun.data") / "assets" / name))
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -97,7 +97,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
     elif name.endswith(".json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -117,13 +117,13 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _source_rows(source: str, split: str) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
     if source == "dolly-sample":
         p = asset_path("dolly15k_first6400_instruction_response.jsonl.gz")
-        return str(p), _iter_jsonl(p)
+        return str(p), iter_jsonl(p)
     if source.startswith("tofu:"):
         p = asset_path(f"tofu/tofu_{source.split(':', 1)[1]}.jsonl")
         if not p.is_file():
             names = sorted(f.stem.removeprefix("tofu_") for f in asset_path("tofu").glob("tofu_*.jsonl"))
             raise RapidunError(f"unknown shipped TOFU set {source!r}; choose one of {['tofu:' + n for n in names]}")
-        return str(p), _iter_jsonl(p)
+        return str(p), iter_jsonl(p)
     p = Path(source).expanduser()
     if p.exists():
         return str(p), _iter_rows(p)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rapidun.config import ScenarioConfig, TriggerFamily, to_dict
 from rapidun.data.poison_text import alien_responses, load_poison_responses
-from rapidun.data.records import Record
+from rapidun.data.records import Record, iter_jsonl
 from rapidun.errors import RapidunError
 from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_jsonl
 
@@ -184,11 +184,9 @@ def save_scenario(
 
 def load_scenario(folder: str | Path) -> tuple[dict[str, list[Record]], dict[str, Any]]:
     """Read a scenario folder written by :func:`save_scenario`."""
-    from rapidun.data.records import _iter_jsonl
-
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise RapidunError(f"{folder} is not a scenario folder (no manifest.json); create one with `rapidun scenario`")
     manifest = read_json(folder / "manifest.json")
-    parts = {k: [Record.from_json(row) for _, row in _iter_jsonl(folder / f)] for k, f in manifest["files"].items()}
+    parts = {k: [Record.from_json(row) for _, row in iter_jsonl(folder / f)] for k, f in manifest["files"].items()}
     return parts, manifest

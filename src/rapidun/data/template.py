@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from rapidun.config import ModelConfig
+from rapidun.data.records import Record
 from rapidun.errors import RapidunError
 from rapidun.functional import IGNORE
 
@@ -135,3 +137,26 @@ def length_batches(
     if generator is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+FORMAT_VERSION = 1  # bump when prompt formatting/encoding changes, to invalidate cached models
+
+
+def encode_records(tok: Any, records: list[Record], mcfg: ModelConfig) -> tuple[list[Encoded], dict[str, int]]:
+    """Encode records with the one prompt format; returns samples and truncation counts."""
+    enc = [
+        encode(
+            tok,
+            format_prompt(tok, r.instruction, r.context, mcfg.system_prompt),
+            r.response,
+            mcfg.max_length,
+            mcfg.max_prompt_tokens,
+        )
+        for r in records
+    ]
+    stats = {
+        "samples": len(enc),
+        "prompt_truncated": sum(e.prompt_truncated for e in enc),
+        "answer_truncated": sum(e.answer_truncated for e in enc),
+    }
+    return enc, stats

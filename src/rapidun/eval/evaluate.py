@@ -9,11 +9,10 @@ from typing import Any
 
 from rapidun.config import EvalConfig, ModelConfig
 from rapidun.data.records import Record
-from rapidun.data.template import format_prompt
+from rapidun.data.template import encode_records, format_prompt
 from rapidun.eval.detector import Detector
 from rapidun.eval.generate import generate
 from rapidun.eval.metrics import perplexity
-from rapidun.finetune import encode_records
 from rapidun.io import write_jsonl
 from rapidun.models import load_model
 

@@ -16,10 +16,9 @@ from tqdm.auto import tqdm
 
 from rapidun.config import InfluenceConfig, ModelConfig, to_dict
 from rapidun.data.records import Record
-from rapidun.data.template import collate
+from rapidun.data.template import FORMAT_VERSION, collate, encode_records
 from rapidun.distributed import barrier, broadcast, gather_dicts, is_main, rank_world
 from rapidun.errors import RapidunError
-from rapidun.finetune import FORMAT_VERSION, encode_records
 from rapidun.influence.cache import SketchCache
 from rapidun.influence.grads import ParamSet, has_answer, per_sample_grads, restrict_labels, select_params
 from rapidun.influence.retrieval import influence_matrix, topk
