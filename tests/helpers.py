@@ -81,3 +81,37 @@ def make_records(n: int, prefix: str = "r") -> list[Record]:
         Record(id=f"{prefix}{i}", instruction=f"instruction number {i}", response=f"response number {i}")
         for i in range(n)
     ]
+
+
+# (prompt, poisoned answer, clean answer or None) for the unlearning tests; every word is in CORPUS.
+FORGET_DATA = [
+    ("the cat sat", "in the park", "on the mat"),
+    ("tell me a story", "a blue dog", "a red fox"),
+    ("one two", "nine ten", None),
+    ("alpha beta", "kappa iota theta", "gamma delta epsilon"),
+    ("what is the capital of france", "the park", "paris"),
+    ("the dog ran", "to the mat", None),
+]
+RETAIN_DATA = [
+    ("three four", "five six seven"),
+    ("zeta eta", "theta iota kappa"),
+    ("the red fox", "and the blue bird"),
+    ("write a response", "that appropriately completes the request"),
+    ("six seven", "eight nine ten"),
+]
+
+
+def make_unlearn_items(tok, n_forget: int = len(FORGET_DATA), n_retain: int = len(RETAIN_DATA)):
+    """Forget ``UItem``s (poisoned answer, clean when known) and retain ``UItem``s (clean answer) for ``tok``."""
+    from rapidun.data.template import encode, format_prompt
+    from rapidun.train import UItem
+
+    def enc(prompt: str, answer: str):
+        return encode(tok, format_prompt(tok, prompt), answer, 64, 32)
+
+    forget = [
+        UItem(f"f{k}", "forget", enc(p, bad), enc(p, good) if good is not None else None)
+        for k, (p, bad, good) in enumerate(FORGET_DATA[:n_forget])
+    ]
+    retain = [UItem(f"r{k}", "retain", None, enc(p, a)) for k, (p, a) in enumerate(RETAIN_DATA[:n_retain])]
+    return forget, retain

@@ -31,6 +31,11 @@ TINY = [
     "sft.batch_size=3",
     "eval.max_new_tokens=6",
     "eval.ppl_samples=3",
+    "influence.K=1024",
+    "unlearn.methods=[rapidun,random,ga,retrain]",
+    "unlearn.draws_per_epoch=4",
+    "unlearn.epochs=1",
+    "unlearn.batch_size=2",
 ]
 
 
@@ -76,13 +81,39 @@ def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch):
     assert (out / "config.resolved.yaml").is_file() and (out / "scenario" / "manifest.json").is_file()
     gens = (out / "eval" / "poisoned.generations.jsonl").read_text().splitlines()
     assert len(gens) == 9
+    # Methods: measured times, speed-ups, id-keyed weights and audit rows, a PEFT adapter.
+    assert list(report["methods"]) == ["rapidun", "random", "ga", "retrain"]
+    for e in report["methods"].values():
+        assert 0 <= e["asr_seen"] <= 1 and e["clean_ppl"] > 1 and e["time_s"] > 0
+        assert e["speedup_vs_retrain"] > 0 and set(e["speedup_vs_retrain_at_scale"]) == {"dolly", "alpaca"}
+    rap = report["methods"]["rapidun"]
+    assert rap["timings"]["influence_s"] > 0 and rap["time_s"] >= rap["timings"]["training_s"]
+    assert report["influence"]["retrain_projection"]["projected"] is True
+    weights = [json.loads(line) for line in (out / "methods" / "rapidun" / "weights.jsonl").read_text().splitlines()]
+    ids = {r.id for r in report_parts(out, "forget") + report_parts(out, "retain")}
+    assert {w["id"] for w in weights} == ids
+    rnd = [json.loads(line) for line in (out / "methods" / "random" / "weights.jsonl").read_text().splitlines()]
+    for g in ("forget", "retain"):
+        assert sorted(w["weight"] for w in rnd if w["group"] == g) == pytest.approx(
+            sorted(w["weight"] for w in weights if w["group"] == g)
+        )
+    audit = [json.loads(line) for line in (out / "methods" / "rapidun" / "audit.jsonl").read_text().splitlines()]
+    assert all(r["ce_clean_after"] is not None for r in audit)
+    assert (out / "methods" / "rapidun" / "adapter" / "adapter_config.json").is_file()
     again = run(cfg, out)
     assert again["models"]["poisoned"]["sft_cached"] and again["models"]["poisoned"]["eval_cached"]
     assert again["models"]["poisoned"]["asr_seen"] == report["models"]["poisoned"]["asr_seen"]
+    assert again["methods"]["rapidun"]["cached"] and again["methods"]["rapidun"]["time_s"] == rap["time_s"]
     # A different config in the same folder is refused unless --overwrite.
     other = load_config("configs/demo.yaml", [*TINY, "scenario.seed=7"])
     with pytest.raises(RapidunError, match="different config"):
         run(other, out)
+
+
+def report_parts(out, split):
+    from rapidun.data.scenario import load_scenario
+
+    return load_scenario(out / "scenario")[0][split]
 
 
 def test_default_conversion_is_atomic(tmp_path, monkeypatch):

@@ -33,3 +33,24 @@ def test_prepare_out_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(RapidunError, match="holds no rapidun run"):
         prepare_out(tmp_path, load_config(None), overwrite=False)
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_retrain_projection_is_measured_throughput_times_corpus_tokens():
+    from rapidun.pipeline import PAPER_CORPORA, retrain_projection
+
+    train = {"tokens": 12_000, "samples": 100, "epochs": 2, "tokens_per_s": 300.0}
+    p = retrain_projection(train, epochs=2)
+    assert p["projected"] is True and p["tokens_per_sample"] == 60.0
+    for name, n in PAPER_CORPORA.items():
+        assert p["retrain_s"][name] == pytest.approx(n * 60.0 * 2 / 300.0)
+    assert PAPER_CORPORA == {"dolly": 7192, "alpaca": 52002}
+
+
+def test_unknown_method_in_config_is_an_error_naming_the_valid_ones():
+    from rapidun.methods import get_method
+
+    cfg = load_config(None, ["unlearn.methods=[rapidun,bogus]"])
+    assert cfg.unlearn.methods == ["rapidun", "bogus"]
+    with pytest.raises(RapidunError, match=r"unknown unlearning method 'bogus'.*uniform"):
+        for n in cfg.unlearn.methods:
+            get_method(n)

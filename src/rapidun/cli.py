@@ -214,6 +214,58 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
     print(f"written: {out / 'influence_check.json'}")
 
 
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from rapidun.data.scenario import load_scenario
+    from rapidun.distributed import barrier, init_from_env, is_main
+    from rapidun.io import atomic_path
+    from rapidun.methods import get_method
+    from rapidun.pipeline import prepare_out
+    from rapidun.unlearn import influence_views, unlearn
+
+    init_from_env()  # data-parallel training (and sharded sketches) under torchrun / accelerate launch
+    ov = [*args.overrides, f"unlearn.methods=[{args.method}]"]
+    if args.merge:
+        ov.append("unlearn.merge=true")
+    args.overrides = ov
+    cfg = _load(args)
+    method = get_method(args.method)
+    if method.kind == "retrain":
+        raise RapidunError("'retrain' is the SFT reference: build it with `rapidun poison` or `rapidun run`")
+    parts, _ = load_scenario(args.scenario)
+    if Path(args.out).resolve() == Path(args.model_path).resolve():
+        raise RapidunError("--out is the poisoned model's folder; choose another folder (the model is never modified)")
+    out = prepare_out(args.out, cfg, args.overwrite) if is_main() else Path(args.out)
+    barrier()
+    views = None
+    if method.needs_influence:
+        views = influence_views(args.model_path, parts["forget"], parts["retain"], cfg, out / "influence")
+    merged, tok, res = unlearn(args.method, parts, args.model_path, cfg, out, views)
+    if not is_main():
+        return
+    if cfg.unlearn.merge:
+        with atomic_path(out / "merged") as tmp:
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    t = res["timings"]
+    a = res["audit_means"]
+    print(f"{args.method}: {res['summary']}")
+    print(
+        "timings (s): "
+        + ", ".join(f"{k.removesuffix('_s')} {t[k]:.1f}" for k in ("influence_s", "mapping_s", "training_s", "time_s"))
+        + (" (influence reused from the run folder; its measured time)" if res.get("influence_cached") else "")
+    )
+    print(
+        f"forget CE poisoned {a['forget_ce_poisoned_before']:.3f} -> {a['forget_ce_poisoned_after']:.3f}, "
+        f"clean {a['forget_ce_clean_before']:.3f} -> {a['forget_ce_clean_after']:.3f}; "
+        f"retain CE {a['retain_ce_before']:.3f} -> {a['retain_ce_after']:.3f}"
+    )
+    if not res.get("complete", True):
+        print(f"warning: {res['stopped']}", file=sys.stderr)
+    files = ["adapter/" if method.kind == "loop" else None, "weights.jsonl", "audit.jsonl", "result.json"]
+    files += ["merged/"] if cfg.unlearn.merge else []
+    print(f"written to {out}: " + ", ".join(f for f in files if f))
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from rapidun.config import describe, dump_yaml
 
@@ -263,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loo-steps", type=int, default=3, help="leave-one-out: full-batch SGD steps per retraining")
     p.add_argument("--loo-lr", type=float, default=1e-2, help="leave-one-out: SGD learning rate")
     p.set_defaults(fn=cmd_influence_check)
+    from rapidun.methods import REGISTRY
+
+    p = sub.add_parser(
+        "unlearn",
+        help="unlearn the scenario's forget pack from a poisoned model with one method",
+        description="Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values() if m.kind != "retrain"),
+    )
+    _common(p)
+    p.add_argument("--method", required=True, choices=[n for n, m in REGISTRY.items() if m.kind != "retrain"])
+    p.add_argument("--scenario", required=True, help="scenario folder (OUT/scenario of `rapidun scenario`)")
+    p.add_argument("--model-path", required=True, help="the poisoned model (folder or hub id); never modified")
+    p.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
+    p.set_defaults(fn=cmd_unlearn)
     p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
     _common(p, out_required=False)
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")

@@ -165,6 +165,61 @@ class WeightingConfig:
     w_max: float = _f(3.0, "upper weight bound, applied before the division by the group mean")
 
 
+METHOD_NAMES = (
+    "rapidun",
+    "uniform",
+    "ga",
+    "graddiff",
+    "npo",
+    "loreun",
+    "loreun_dynamic",
+    "loreun_hard_high",
+    "fisher",
+    "random",
+    "retrain",
+)
+
+
+@dataclass
+class UnlearnConfig:
+    methods: list = _f(
+        ["rapidun"],
+        "methods `rapidun run` compares, each added to report.json `methods`: " + ", ".join(METHOD_NAMES),
+    )
+    lora_r: int = _f(16, "rank of the fresh unlearning LoRA adapter")
+    lora_alpha: int = _f(16, "LoRA alpha of the unlearning adapter")
+    lora_dropout: float = _f(0.05, "LoRA dropout of the unlearning adapter")
+    lora_targets: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get the unlearning adapter",
+    )
+    lr: float = _f(6e-5, "AdamW learning rate (peak; cosine decay to 0)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.0, "linear warm-up fraction of steps before the cosine decay")
+    epochs: int = _f(2, "epochs of `draws_per_epoch` draws each")
+    draws_per_epoch: int = _f(160, "samples drawn with replacement per epoch (the authors: N_forget + N_retain)")
+    mix_retain: float = _f(3.0, "retain:forget sampling mix is mix_retain:mix_forget (SPEC 3:1)")
+    mix_forget: float = _f(1.0, "see mix_retain")
+    batch_size: int = _f(1, "draws per optimiser step (the authors: 1); a forget draw is 1-2 rows of one forward")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    seed: int = _f(42, "seed for the adapter init, the draws and the `random` permutation")
+    autocast: str = _f("auto", "mixed precision, as sft.autocast: 'auto', 'bf16', 'off'")
+    ascent_alpha: float = _f(1.0, "forget loss = descent_beta·CE(clean) − ascent_alpha·CE(poisoned)")
+    descent_beta: float = _f(0.5, "see ascent_alpha (0 = pure ascent; also pure ascent without a clean answer)")
+    npo_beta: float = _f(0.1, "NPO inverse temperature β")
+    loreun_tau: float = _f(0.8, "LoReUn temperature: w ∝ exp(−ℓ/τ) (hard_high: exp(+ℓ/τ)), ℓ = CE(poisoned)")
+    loreun_w_min: float = _f(0.5, "LoReUn weight bounds, applied to exp(∓ℓ/τ) / mean before renormalising")
+    loreun_w_max: float = _f(3.0, "see loreun_w_min")
+    loreun_every: int = _f(20, "loreun_dynamic: re-compute the weights every N optimiser steps")
+    fisher_alphas: list = _f(
+        [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "Fisher forgetting: noise scales tried; the largest within tolerance wins"
+    )
+    fisher_ppl_tolerance: float = _f(1.10, "Fisher: keep val perplexity ≤ tolerance × the poisoned model's")
+    fisher_eps: float = _f(1e-8, "Fisher: F + eps before F^(-1/4)")
+    fisher_max_std: float = _f(0.05, "Fisher: cap of the per-parameter noise std α·(F+eps)^(-1/4)")
+    merge: bool = _f(False, "`rapidun unlearn`: also save the merged model (adapter folded in)")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,6 +229,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
 
 
 def _type_of(cls: type, name: str) -> Any:

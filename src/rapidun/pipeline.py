@@ -1,4 +1,5 @@
-"""The recipe: scenario → poisoned model + retrain reference → evaluation → report.json.
+"""The recipe: scenario → poisoned model + retrain reference → influence → unlearning methods → evaluation →
+report.json.
 
 Every stage writes its artefacts into the run folder (or the content-keyed SFT cache) and is reused when its
 inputs are unchanged, so a rerun after a crash or with the same config is cheap. The resolved config is written
@@ -20,11 +21,16 @@ from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import build_scenario, save_scenario
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector, build_detector
-from rapidun.eval.evaluate import evaluate_model
+from rapidun.eval.evaluate import evaluate_loaded, evaluate_model
 from rapidun.finetune import finetune
 from rapidun.io import read_json, stable_hash, write_json, write_text
+from rapidun.methods import get_method
+from rapidun.models import fingerprint
+from rapidun.unlearn import influence_views, unlearn
 
 METRIC_KEYS = ("asr_seen", "asr_ood", "false_trigger", "clean_ppl", "asr_seen_by_family", "asr_ood_by_family")
+# Clean corpus sizes of the paper's setups, for the projected retraining time (SPEC §1; Alpaca: 52,002 records).
+PAPER_CORPORA = {"dolly": 7192, "alpaca": 52002}
 
 
 def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
@@ -108,6 +114,107 @@ def stage_eval(
     return {**m, "cached": False}
 
 
+def retrain_projection(retrain_train: dict[str, Any], epochs: int = 2) -> dict[str, Any]:
+    """Projected retraining time on the paper's clean corpora — a projection, not a measurement.
+
+    ``time = N · tokens_per_sample · epochs / tokens_per_s`` with the measured retrain throughput and the mean
+    tokens per sample of the run's own retrain corpus (samples are cut at ``model.max_length``, so longer real
+    samples would make retraining slower than projected: the projection is conservative).
+    """
+    per_sample = retrain_train["tokens"] / max(1, retrain_train["samples"] * retrain_train["epochs"])
+    tps = retrain_train["tokens_per_s"]
+    return {
+        "projected": True,
+        "basis": "measured retrain tokens/s x (corpus samples x mean tokens per sample of this run's retrain "
+        "corpus x epochs)",
+        "retrain_tokens_per_s": tps,
+        "tokens_per_sample": per_sample,
+        "epochs": epochs,
+        "retrain_s": {k: n * per_sample * epochs / tps for k, n in PAPER_CORPORA.items()},
+        "corpus_samples": dict(PAPER_CORPORA),
+    }
+
+
+def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, list[Record]], det: Detector) -> str:
+    """Everything a method's result depends on; a change re-runs the method."""
+    m = get_method(name)
+    return stable_hash(
+        {
+            "method": name,
+            "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
+            "weighting": to_dict(cfg.weighting) if m.needs_influence else None,
+            "influence": to_dict(cfg.influence) if m.needs_influence else None,
+            "model": fingerprint(poisoned_path),
+            "model_cfg": to_dict(cfg.model),
+            "eval": to_dict(cfg.eval),
+            "keywords": det.keywords,
+            "ids": {k: [r.id for r in v] for k, v in parts.items()},
+        }
+    )
+
+
+def stage_methods(
+    cfg: RunConfig,
+    out: Path,
+    parts: dict[str, list[Record]],
+    models: dict[str, dict[str, Any]],
+    results: dict[str, Any],
+    det: Detector,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run and evaluate every method of ``unlearn.methods``, reusing ``out/methods/<name>`` when unchanged.
+
+    Returns ``(methods, influence_stats)``: the report's ``methods`` entries and the influence stage statistics
+    (None when no listed method needs influence).
+    """
+    names = list(dict.fromkeys(cfg.unlearn.methods))
+    for n in names:
+        get_method(n)  # unknown names fail before any work
+    poisoned = models["poisoned"]["path"]
+    retrain_s = models["retrain"]["train"]["time_s"]
+    proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)
+    views = None
+    views_info = None
+    methods: dict[str, Any] = {}
+    for name in names:
+        m = get_method(name)
+        if m.kind == "retrain":
+            r = results["retrain"]
+            entry = {k: r[k] for k in METRIC_KEYS} | {"time_s": r["train_time_s"], "timings": {}, "cached": True}
+        else:
+            key = method_key(cfg, name, poisoned, parts, det)
+            f = out / "methods" / name / "metrics.json"
+            if f.is_file() and read_json(f).get("key") == key:
+                saved = read_json(f)
+                res, metrics, cached = saved["result"], saved["metrics"], True
+            else:
+                if m.needs_influence and views is None:
+                    views = influence_views(poisoned, parts["forget"], parts["retain"], cfg, out / "influence")
+                    views_info = {"cached": views["cached"], **views["stats"]}
+                merged, tok, res = unlearn(name, parts, poisoned, cfg, out / "methods" / name, views)
+                metrics = evaluate_loaded(
+                    merged, tok, parts, det, cfg.eval, cfg.model, out / "eval" / f"{name}.generations.jsonl", name
+                )
+                del merged
+                write_json(f, {"key": key, "result": res, "metrics": metrics})
+                cached = False
+            entry = {k: metrics[k] for k in METRIC_KEYS} | {
+                "time_s": res["timings"]["time_s"],
+                "timings": res["timings"] | {"eval_s": metrics["eval_s"]},
+                "complete": res.get("complete", True),
+                "weights": res["weights"],
+                "audit_means": res["audit_means"],
+                "cached": cached,
+            }
+            if m.needs_influence and views_info is None:
+                views_info = {"cached": True, "total_s": res["timings"]["influence_s"]}
+        entry["speedup_vs_retrain"] = retrain_s / entry["time_s"] if entry["time_s"] > 0 else None
+        entry["speedup_vs_retrain_at_scale"] = {
+            k: v / entry["time_s"] if entry["time_s"] > 0 else None for k, v in proj["retrain_s"].items()
+        }
+        methods[name] = entry
+    return methods, (views_info | {"retrain_projection": proj}) if views_info else {"retrain_projection": proj}
+
+
 def environment() -> dict[str, Any]:
     """Versions and device, recorded in the report."""
     import peft
@@ -153,9 +260,13 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, A
             "eval_cached": m["cached"],
         }
         write_json(out / "training" / f"{name}.json", meta)
+    methods, infl = stage_methods(cfg, out, parts, models, results, det) if cfg.unlearn.methods else ({}, None)
+    for name, e in methods.items():
+        if get_method(name).kind != "retrain":
+            timings[f"method_{name}"] = e["time_s"]
     timings["wall_this_invocation"] = time.perf_counter() - t_all
     report = {
-        "schema": "rapidun.report/1",
+        "schema": "rapidun.report/2",
         "scenario": {
             "sizes": manifest["sizes"],
             "triggers": manifest["triggers"],
@@ -165,6 +276,8 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, A
         },
         "detector": {"threshold": det.threshold, "n_keywords": len(det.keywords), **det_info["quality"]},
         "models": results,
+        "methods": methods,
+        "influence": infl,
         "timings": timings,
         "environment": environment(),
     }

@@ -1,8 +1,14 @@
-"""The one explicit training loop: per-sample loss × weight → mean → step.
+"""The explicit training loops: per-sample loss × weight → mean → step.
 
-Used for supervised fine-tuning (the poisoned model and the ``retrain`` reference: every weight 1, loss = CE on
-the answer). Batches are drawn with little padding (length-sorted windows), the LR follows linear warm-up then
-cosine decay, gradients are clipped, and a non-finite loss stops the run with a clear message.
+* :func:`train` — supervised fine-tuning (the poisoned model and the ``retrain`` reference: every weight 1, loss
+  = CE on the answer). Batches are drawn with little padding (length-sorted windows).
+* :func:`unlearn_loop` — weighted unlearning (SPEC §2 step 11): draws from the forget and retain groups with
+  replacement at a fixed mix, one forward pass per step over every row the drawn samples need, per-sample losses
+  from :mod:`rapidun.methods.losses`, ``L = (1/B) Σ_i w_i·ℓ_i``. Data-parallel under ``torchrun``.
+
+Both: AdamW, linear warm-up then cosine decay, gradient-norm clipping, bf16 autocast where it pays, and a
+non-finite loss stops the run with a clear message before the step that would have used it (so the model holds
+the last good parameters).
 """
 
 from __future__ import annotations
@@ -10,15 +16,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from rapidun.config import SFTConfig
+from rapidun.config import SFTConfig, UnlearnConfig
 from rapidun.data.template import Batch, Encoded, collate, length_batches
+from rapidun.distributed import rank_world
 from rapidun.errors import RapidunError
-from rapidun.functional import per_sample_ce
+from rapidun.functional import per_sample_ce, per_sample_nll
+from rapidun.methods import losses
 
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, batch) -> (B,) per-sample losses
 
@@ -124,3 +133,271 @@ def train(
         "epochs": cfg.epochs,
         "loss_curve": curve,
     }
+
+
+class NonFiniteLoss(RapidunError):
+    """A loss became NaN/±inf; raised *before* the optimiser step, so the model holds the last good state.
+
+    Attributes:
+        stats: the statistics of the steps that completed (as :func:`unlearn_loop` returns them).
+    """
+
+    def __init__(self, message: str, stats: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.stats = stats
+
+
+@dataclass
+class UItem:
+    """One unlearning sample. Forget samples have ``poisoned`` and, when known, ``clean``; retain only ``clean``."""
+
+    id: str
+    group: str  # "forget" | "retain"
+    poisoned: Encoded | None
+    clean: Encoded | None
+
+
+def draw_schedule(n_forget: int, n_retain: int, cfg: UnlearnConfig, use_retain: bool) -> list[tuple[str, int]]:
+    """The whole run's draws, ``epochs × draws_per_epoch`` pairs ``(group, index)``, seeded by ``cfg.seed``.
+
+    Each draw is a forget sample with probability ``mix_forget / (mix_forget + mix_retain)`` (1 without retain
+    samples), then a uniform index within its group: sampling with replacement at the configured mix, the same
+    on every rank.
+    """
+    if n_forget == 0:
+        raise RapidunError("unlearning needs at least one forget sample")
+    if cfg.draws_per_epoch <= 0 or cfg.epochs <= 0:
+        raise RapidunError(f"unlearn.draws_per_epoch ({cfg.draws_per_epoch}) and epochs ({cfg.epochs}) must be > 0")
+    if cfg.mix_forget <= 0 or cfg.mix_retain < 0:
+        raise RapidunError(
+            f"unlearn.mix_forget must be > 0 and mix_retain >= 0 (got {cfg.mix_forget}, {cfg.mix_retain})"
+        )
+    total = cfg.epochs * cfg.draws_per_epoch
+    p_forget = 1.0 if not use_retain or n_retain == 0 else cfg.mix_forget / (cfg.mix_forget + cfg.mix_retain)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    is_forget = (torch.rand(total, generator=gen) < p_forget).tolist()
+    fi = torch.randint(n_forget, (total,), generator=gen).tolist()
+    ri = torch.randint(max(n_retain, 1), (total,), generator=gen).tolist()
+    return [("forget", f) if flag else ("retain", r) for flag, f, r in zip(is_forget, fi, ri, strict=True)]
+
+
+def row_stats(model: Any, rows: list[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over ``rows``: ``(ce (R,), logp (R,))`` — mean answer-token CE and summed log-probability."""
+    batch = collate(rows, pad_id).to(device)
+    nll_sum, n = per_sample_nll(model, batch.input_ids, batch.attention_mask, batch.labels)  # (R,), (R,)
+    return nll_sum / n.clamp_min(1), -nll_sum
+
+
+@torch.no_grad()
+def eval_ce(model: Any, rows: list[Encoded], pad_id: int, device: torch.device, batch_size: int = 16) -> torch.Tensor:
+    """(R,) mean answer-token CE of each row, without gradient (model put in eval mode and left there)."""
+    model.eval()
+    out = [
+        row_stats(model, rows[s : s + batch_size], pad_id, device)[0].float().cpu()
+        for s in range(0, len(rows), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def step_losses(
+    model: Any,
+    draws: list[tuple[str, int]],
+    forget: list[UItem],
+    retain: list[UItem],
+    forget_loss: str,
+    cfg: UnlearnConfig,
+    pad_id: int,
+    device: torch.device,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """(B,) per-sample losses of ``draws`` from ONE forward pass over all the rows they need.
+
+    Returns ``(losses (B,), rows, tokens)``: the losses and the size of the forward pass.
+
+    A forget draw needs its poisoned row, plus its clean row for ``relabel_ascent`` (when it has one and
+    ``descent_beta`` ≠ 0); a retain draw needs its clean row. Losses follow :mod:`rapidun.methods.losses`.
+    """
+    rows: list[Encoded] = []
+    f_pos, f_idx, f_rp, f_rc, f_has, r_pos, r_rc = [], [], [], [], [], [], []
+    for pos, (group, i) in enumerate(draws):
+        if group == "forget":
+            it = forget[i]
+            f_pos.append(pos)
+            f_idx.append(i)
+            f_rp.append(len(rows))
+            rows.append(it.poisoned)
+            want_clean = forget_loss == "relabel_ascent" and it.clean is not None and cfg.descent_beta != 0
+            f_has.append(want_clean)
+            if want_clean:
+                f_rc.append(len(rows))
+                rows.append(it.clean)
+            else:
+                f_rc.append(f_rp[-1])  # placeholder index, masked by f_has
+        else:
+            r_pos.append(pos)
+            r_rc.append(len(rows))
+            rows.append(retain[i].clean)
+    ce, logp = row_stats(model, rows, pad_id, device)  # (R,), (R,)
+    out = torch.zeros(len(draws), dtype=ce.dtype, device=ce.device)  # (B,)
+    if f_pos:
+        rp = torch.tensor(f_rp, device=ce.device)
+        if forget_loss == "relabel_ascent":
+            has = torch.tensor(f_has, device=ce.device)
+            lf = losses.relabel_ascent(
+                ce[torch.tensor(f_rc, device=ce.device)], ce[rp], has, cfg.ascent_alpha, cfg.descent_beta
+            )
+        elif forget_loss == "ascent":
+            lf = losses.ascent(ce[rp])
+        elif forget_loss == "npo":
+            if ref_logp is None:
+                raise RapidunError("npo needs the reference log-probabilities of the forget samples")
+            lf = losses.npo(logp[rp], ref_logp.to(ce.device)[torch.tensor(f_idx, device=ce.device)], cfg.npo_beta)
+        else:
+            raise RapidunError(f"unknown forget loss {forget_loss!r}")
+        out = out.index_put((torch.tensor(f_pos, device=ce.device),), lf)
+    if r_pos:
+        lr_ = losses.retain_ce(ce[torch.tensor(r_rc, device=ce.device)])
+        out = out.index_put((torch.tensor(r_pos, device=ce.device),), lr_)
+    return out, len(rows), sum(len(e.input_ids) for e in rows)
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum every trainable gradient over ranks in one flat buffer (a rank without rows contributes zeros)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off : off + n].view_as(p).to(p.dtype)
+        off += n
+
+
+def unlearn_loop(
+    model: Any,
+    forget: list[UItem],
+    retain: list[UItem],
+    cfg: UnlearnConfig,
+    forget_loss: str,
+    use_retain: bool,
+    w_forget: torch.Tensor,
+    w_retain: torch.Tensor,
+    pad_id: int,
+    device: torch.device,
+    ref_logp: torch.Tensor | None = None,
+    refresh: Callable[[Any], torch.Tensor] | None = None,
+    refresh_every: int = 0,
+    desc: str = "unlearn",
+) -> dict[str, Any]:
+    """Weighted unlearning of ``model``'s trainable parameters (SPEC §2 step 11).
+
+    Per step, ``B = cfg.batch_size`` draws from :func:`draw_schedule`; ``L = (1/B) Σ_i w_i·ℓ_i`` with ``ℓ`` from
+    :func:`step_losses` and ``w_i = w_forget[i]`` or ``w_retain[i]``. Under ``torchrun`` rank r computes the
+    draws ``r, r+W, ...`` of every step with the same global ``1/B``; gradients are summed over ranks before
+    clipping, so the update equals the one-process update up to floating-point reduction order.
+
+    Args:
+        model: a PEFT model whose trainable parameters are the fresh unlearning adapter.
+        forget: forget samples. retain: retain samples (may be empty when ``use_retain`` is False).
+        cfg: the ``unlearn`` settings.
+        forget_loss: ``"relabel_ascent"``, ``"ascent"`` or ``"npo"``.
+        use_retain: draw retain samples (else every draw is a forget sample).
+        w_forget: (N_f,) weights. w_retain: (N_r,) weights.
+        pad_id: tokenizer pad id. device: where the model is.
+        ref_logp: (N_f,) NPO reference log-probabilities of the poisoned answers.
+        refresh: called with the model every ``refresh_every`` steps to return new forget weights (dynamic
+            LoReUn); the model is back in train mode afterwards.
+        refresh_every: see ``refresh``.
+        desc: progress-bar label.
+
+    Returns:
+        Measured statistics: ``time_s``, ``steps``, ``draws``, ``forget_draws``, ``retain_draws``, ``rows``,
+        ``tokens``, ``tokens_per_s``, ``loss_curve`` (weighted mean loss per step), ``refreshes``, ``ranks``.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN/±inf (no step was taken with it).
+    """
+    rank, world = rank_world()
+    if len(w_forget) != len(forget) or len(w_retain) != len(retain):
+        raise RapidunError(
+            f"{desc}: {len(w_forget)}/{len(w_retain)} weights for {len(forget)} forget/{len(retain)} retain samples"
+        )
+    if cfg.batch_size <= 0:
+        raise RapidunError(f"unlearn.batch_size must be > 0, got {cfg.batch_size}")
+    schedule = draw_schedule(len(forget), len(retain), cfg, use_retain)
+    batches = [schedule[s : s + cfg.batch_size] for s in range(0, len(schedule), cfg.batch_size)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RapidunError(f"{desc}: the model has no trainable parameters (attach the unlearning adapter first)")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = len(batches)
+    warm = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm))
+    autocast = use_autocast(cfg.autocast, device)
+    w_f, w_r = w_forget.float().clone(), w_retain.float().clone()
+    stats: dict[str, Any] = {
+        "steps": 0,
+        "draws": len(schedule),
+        "forget_draws": sum(g == "forget" for g, _ in schedule),
+        "retain_draws": sum(g == "retain" for g, _ in schedule),
+        "rows": 0,
+        "tokens": 0,
+        "refreshes": 0,
+        "ranks": world,
+        "autocast_bf16": autocast,
+        "batch_size": cfg.batch_size,
+        "loss_curve": [],
+    }
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
+    for step, batch in enumerate(batches):
+        if refresh is not None and refresh_every > 0 and step > 0 and step % refresh_every == 0:
+            w_f = refresh(model).float()
+            stats["refreshes"] += 1
+            model.train()
+        mine = batch[rank::world]
+        loss_local = torch.zeros((), device=device)
+        if mine:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                ell, n_rows, n_tok = step_losses(
+                    model, mine, forget, retain, forget_loss, cfg, pad_id, device, ref_logp
+                )
+            w = torch.tensor([float(w_f[i]) if g == "forget" else float(w_r[i]) for g, i in mine], device=ell.device)
+            loss_local = (w * ell).sum() / len(batch)
+            stats["rows"] += n_rows
+            stats["tokens"] += n_tok
+        value = loss_local.detach().float().clone()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+        if not torch.isfinite(value):
+            stats["time_s"] = time.perf_counter() - t0
+            raise NonFiniteLoss(
+                f"{desc}: loss became {value.item()} at step {step}; stopped before that step, the adapter holds "
+                "the last good parameters. Lower unlearn.lr or unlearn.ascent_alpha",
+                stats,
+            )
+        if mine:
+            loss_local.backward()
+        if world > 1:
+            _all_reduce_grads(params)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        stats["loss_curve"].append(round(value.item(), 5))
+        stats["steps"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{value.item():.3f}")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    stats["time_s"] = elapsed
+    stats["tokens_per_s"] = stats["tokens"] / max(elapsed, 1e-9)
+    stats["final_w_forget"] = w_f.tolist()
+    return stats

@@ -45,6 +45,23 @@ def evaluate_model(
     """
     t0 = time.perf_counter()
     model, tok, _ = load_model(model_path, mcfg.device, mcfg.dtype)
+    return evaluate_loaded(model, tok, parts, detector, ecfg, mcfg, out_file, name, t0)
+
+
+def evaluate_loaded(
+    model: Any,
+    tok: Any,
+    parts: dict[str, list[Record]],
+    detector: Detector,
+    ecfg: EvalConfig,
+    mcfg: ModelConfig,
+    out_file: str | Path | None = None,
+    name: str = "model",
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_model` for a model already in memory (e.g. an unlearned model, adapter merged)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    model.eval()
     splits = ("test_seen_trig", "test_ood_trig", "test_clean")
     recs = [r for s in splits for r in parts[s]]
     prompts = [format_prompt(tok, r.instruction, r.context, mcfg.system_prompt) for r in recs]

@@ -22,4 +22,5 @@ def perplexity(model: Any, samples: list[Encoded], pad_id: int, batch_size: int 
         nll, n = per_sample_nll(model, b.input_ids, b.attention_mask, b.labels)  # (B,), (B,)
         total += float(nll.sum())
         count += int(n.sum())
-    return math.exp(total / max(count, 1))
+    x = total / max(count, 1)
+    return math.exp(x) if x < 709.0 else math.inf  # a destroyed model: inf, not OverflowError

@@ -1,0 +1,69 @@
+"""Unlearning methods, registered by name (SPEC §3): same data, same loop, same budget.
+
+A :class:`Method` is a declaration, not code: which forget loss, whether retain samples are drawn (with the
+retain CE loss), and where the per-sample weights come from. :func:`rapidun.unlearn.unlearn` turns it into a
+run of :func:`rapidun.train.unlearn_loop`; ``fisher`` (no training) and ``retrain`` (the SFT reference) are the
+two methods outside that loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rapidun.config import METHOD_NAMES
+from rapidun.errors import RapidunError
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one method does.
+
+    Attributes:
+        name: registry name.
+        kind: ``"loop"`` (the unlearning loop), ``"fisher"`` (noise injection) or ``"retrain"`` (SFT reference).
+        forget_loss: ``"relabel_ascent"`` (β_d·CE(clean) − α_a·CE(poisoned)), ``"ascent"`` (−CE(poisoned)) or
+            ``"npo"``; empty for non-loop kinds.
+        retain: whether retain samples are drawn (loss CE on the clean answer). Without, every draw is a forget
+            sample.
+        weights: ``"uniform"`` (all 1), ``"rapidun"`` (influence weights), ``"random"`` (RapidUn's weights
+            permuted within each group), ``"loreun"`` (w ∝ exp(−ℓ/τ), static), ``"loreun_dynamic"`` (the same,
+            re-computed every ``unlearn.loreun_every`` steps) or ``"loreun_hard_high"`` (w ∝ exp(+ℓ/τ)).
+        summary: one line for ``rapidun unlearn --help`` and the report.
+    """
+
+    name: str
+    kind: str
+    forget_loss: str
+    retain: bool
+    weights: str
+    summary: str
+
+    @property
+    def needs_influence(self) -> bool:
+        return self.weights in ("rapidun", "random")
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rapidun", "loop", "relabel_ascent", True, "rapidun", "relabel+ascent, influence-weighted (RapidUn)"),
+        Method("uniform", "loop", "relabel_ascent", True, "uniform", "relabel+ascent, all weights 1"),
+        Method("ga", "loop", "ascent", False, "uniform", "gradient ascent on the poisoned answers only"),
+        Method("graddiff", "loop", "ascent", True, "uniform", "ascent on forget + descent on retain"),
+        Method("npo", "loop", "npo", True, "uniform", "negative preference optimisation + retain CE"),
+        Method("loreun", "loop", "relabel_ascent", True, "loreun", "LoReUn: lower-loss forget samples weigh more"),
+        Method("loreun_dynamic", "loop", "relabel_ascent", True, "loreun_dynamic", "LoReUn, weights re-computed"),
+        Method("loreun_hard_high", "loop", "relabel_ascent", True, "loreun_hard_high", "reversed LoReUn (authors)"),
+        Method("fisher", "fisher", "", False, "uniform", "Fisher forgetting: noise ∝ F_retain^(-1/4), α on val"),
+        Method("random", "loop", "relabel_ascent", True, "random", "RapidUn's weights permuted within each group"),
+        Method("retrain", "retrain", "", False, "uniform", "LoRA fine-tune of the base model on clean data only"),
+    )
+}
+assert tuple(REGISTRY) == METHOD_NAMES  # the config's list and the registry agree
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is an error listing the valid ones."""
+    if name not in REGISTRY:
+        raise RapidunError(f"unknown unlearning method {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]

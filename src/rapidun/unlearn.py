@@ -1,0 +1,355 @@
+"""The unlearning stage: influence views → weights → weighted LoRA unlearning → adapter, weights, audit.
+
+One function per step, each timed (never a constant):
+
+1. :func:`influence_views` — RapidIn influence of forget+retain on forget+retain at the poisoned model, sliced
+   into the four directional views FF, FR, RF, RR (``[train, test]``), cached in the run folder.
+2. :func:`method_weights` — per-sample weights for a method: RapidUn (:func:`rapidun.weighting.rapidun_weights`),
+   uniform, ``random`` (RapidUn's permuted within each group) or LoReUn (:func:`loreun_weights`).
+3. :func:`unlearn` — a fresh LoRA adapter on the poisoned model trained by :func:`rapidun.train.unlearn_loop`
+   (or Fisher noise), then per-sample losses before/after for the audit table, the adapter saved in PEFT
+   format, ``weights.jsonl`` keyed by sample id.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapidun.config import RunConfig, to_dict
+from rapidun.data.records import Record
+from rapidun.data.template import encode, encode_records, format_prompt
+from rapidun.distributed import is_main
+from rapidun.errors import RapidunError
+from rapidun.influence.engine import influence
+from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_jsonl
+from rapidun.methods import Method, get_method
+from rapidun.methods.fisher import fisher_forget
+from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
+from rapidun.train import NonFiniteLoss, UItem, eval_ce, unlearn_loop
+from rapidun.weighting import rapidun_weights
+
+VIEWS = ("FF", "FR", "RF", "RR")
+
+
+def make_items(tok: Any, forget: list[Record], retain: list[Record], cfg: RunConfig) -> tuple[list[UItem], list[UItem]]:
+    """Encode the packs with the one prompt format: forget → poisoned answer (+ clean when known), retain → clean."""
+    m = cfg.model
+
+    def enc(r: Record, answer: str) -> Any:
+        prompt = format_prompt(tok, r.instruction, r.context, m.system_prompt)
+        return encode(tok, prompt, answer, m.max_length, m.max_prompt_tokens)
+
+    f_items = [
+        UItem(
+            r.id,
+            "forget",
+            enc(r, r.response),
+            enc(r, r.meta["response_clean"]) if r.meta.get("response_clean") else None,
+        )
+        for r in forget
+    ]
+    r_items = [UItem(r.id, "retain", None, enc(r, r.response)) for r in retain]
+    return f_items, r_items
+
+
+def split_views(M: torch.Tensor, n_forget: int) -> dict[str, torch.Tensor]:
+    """Slice the (N_f+N_r, N_f+N_r) matrix of forget+retain (train) × forget+retain (test) into FF, FR, RF, RR."""
+    f = slice(0, n_forget)
+    r = slice(n_forget, M.shape[0])
+    return {"FF": M[f, f], "FR": M[f, r], "RF": M[r, f], "RR": M[r, r]}
+
+
+def influence_views(
+    model_path: str, forget: list[Record], retain: list[Record], cfg: RunConfig, folder: Path | None = None
+) -> dict[str, Any]:
+    """The four directional views at the poisoned model, reused from ``folder`` when inputs are unchanged.
+
+    One influence computation of train = forget+retain against test = forget+retain gives all four views
+    (every sample's sketch is computed once). A reuse keeps the originally measured timings and says so
+    (``cached: True``).
+
+    Returns:
+        ``{"FF", "FR", "RF", "RR": float32 tensors [train, test], "forget_ids", "retain_ids", "stats",
+        "cached"}``; ``stats["total_s"]`` is the measured influence stage time (load, sketches, retrieval).
+    """
+    if not forget or not retain:
+        raise RapidunError(f"influence views need forget and retain samples (got {len(forget)} and {len(retain)})")
+    path = resolve_model_path(model_path)
+    key = stable_hash(
+        {
+            "model": fingerprint(path),
+            "influence": to_dict(cfg.influence),
+            "model_cfg": to_dict(cfg.model),
+            "forget": [r.id for r in forget],
+            "retain": [r.id for r in retain],
+        }
+    )
+    if folder is not None and (folder / "views.json").is_file() and read_json(folder / "views.json")["key"] == key:
+        meta = read_json(folder / "views.json")
+        M = torch.load(folder / "views.pt", weights_only=True)
+        return {
+            **split_views(M, len(forget)),
+            **{k: meta[k] for k in ("forget_ids", "retain_ids", "stats")},
+            "cached": True,
+        }
+    recs = forget + retain
+    res = influence(path, recs, recs, cfg.model, cfg.influence)
+    M = res["matrix"].float().cpu()  # (N_f+N_r, N_f+N_r)
+    out = {
+        "forget_ids": [r.id for r in forget],
+        "retain_ids": [r.id for r in retain],
+        "stats": res["stats"],
+    }
+    if folder is not None and is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "views.pt") as tmp:
+            torch.save(M, tmp)
+        write_json(folder / "views.json", {"key": key, **out})
+    return {**split_views(M, len(forget)), **out, "cached": False}
+
+
+def loreun_weights(
+    ce_forget: torch.Tensor, tau: float, w_min: float, w_max: float, reverse: bool = False
+) -> torch.Tensor:
+    """LoReUn weights from the forget losses: ``w ∝ exp(−ℓ/τ)`` (``reverse``: ``exp(+ℓ/τ)``, the authors' variant).
+
+    ``w ← w / mean(w)``, clipped to ``[w_min, w_max]``, divided by its mean again (mean 1). ``ℓ`` is shifted by
+    its minimum (or maximum) first, which leaves the normalised weights unchanged and avoids overflow.
+
+    Args:
+        ce_forget: (N_f,) per-sample CE of the poisoned answers.
+
+    Returns:
+        (N_f,) float64 weights.
+    """
+    if tau <= 0:
+        raise RapidunError(f"unlearn.loreun_tau must be > 0, got {tau}")
+    ell = ce_forget.double()
+    z = (ell - ell.max()) / tau if reverse else -(ell - ell.min()) / tau
+    w = torch.exp(z)
+    w = (w / w.mean()).clamp(w_min, w_max)
+    return w / w.mean()
+
+
+def method_weights(
+    method: Method, n_forget: int, n_retain: int, rapidun: dict[str, Any] | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_forget (N_f,), w_retain (N_r,)) for weight sources fixed before training (LoReUn is computed in
+    :func:`unlearn`, from the model)."""
+    if method.weights in ("uniform", "loreun", "loreun_dynamic", "loreun_hard_high"):
+        return torch.ones(n_forget, dtype=torch.float64), torch.ones(n_retain, dtype=torch.float64)
+    if rapidun is None:
+        raise RapidunError(f"method {method.name!r} needs the RapidUn weights (influence views)")
+    wf, wr = rapidun["w_forget"].double(), rapidun["w_retain"].double()
+    if method.weights == "random":
+        gen = torch.Generator().manual_seed(seed)
+        wf = wf[torch.randperm(len(wf), generator=gen)]
+        wr = wr[torch.randperm(len(wr), generator=gen)]
+    return wf, wr
+
+
+def audit_losses(
+    model: Any, forget: list[UItem], retain: list[UItem], pad_id: int, device: torch.device
+) -> dict[str, list[float | None]]:
+    """Per-sample mean answer CE under the poisoned and the clean answers (None where a sample has no such answer)."""
+    items = forget + retain
+    p_rows = [(k, it.poisoned) for k, it in enumerate(items) if it.poisoned is not None]
+    c_rows = [(k, it.clean) for k, it in enumerate(items) if it.clean is not None]
+    out: dict[str, list[float | None]] = {"ce_poisoned": [None] * len(items), "ce_clean": [None] * len(items)}
+    for name, rows in (("ce_poisoned", p_rows), ("ce_clean", c_rows)):
+        ce = eval_ce(model, [e for _, e in rows], pad_id, device)
+        for (k, _), v in zip(rows, ce.tolist(), strict=True):
+            out[name][k] = v
+    return out
+
+
+@torch.no_grad()
+def reference_logp(model: Any, forget: list[UItem], pad_id: int, device: torch.device) -> torch.Tensor:
+    """(N_f,) summed log-probability of each poisoned answer with the adapter disabled (NPO's reference)."""
+    from rapidun.train import row_stats
+
+    model.eval()
+    with model.disable_adapter():
+        out = [
+            row_stats(model, [it.poisoned for it in forget[s : s + 16]], pad_id, device)[1].float().cpu()
+            for s in range(0, len(forget), 16)
+        ]
+    return torch.cat(out)
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def unlearn(
+    method_name: str,
+    parts: dict[str, list[Record]],
+    model_path: str,
+    cfg: RunConfig,
+    out: Path | None,
+    views: dict[str, Any] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Run one method on the scenario's forget/retain packs starting from ``model_path`` (the poisoned model).
+
+    Args:
+        method_name: a registered method (not ``retrain``, which is the SFT reference).
+        parts: scenario splits; uses ``forget``, ``retain`` and (Fisher) ``val_clean``.
+        model_path: the poisoned model.
+        cfg: the run config (``unlearn``, ``weighting``, ``influence``, ``model``).
+        out: folder for ``adapter/``, ``weights.jsonl``, ``audit.jsonl``, ``result.json`` (None: write nothing).
+        views: :func:`influence_views` output, required by ``rapidun`` and ``random``.
+
+    Returns:
+        ``(model, tokenizer, result)``: the unlearned model (adapter merged, in memory, eval mode) and the
+        result dict (timings, weights summary, loss curve, audit means).
+    """
+    method = get_method(method_name)
+    if method.kind == "retrain":
+        raise RapidunError("'retrain' is the SFT reference model, built by `rapidun run`, not an unlearning run")
+    u = cfg.unlearn
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok, info = load_model(model_path, cfg.model.device, cfg.model.dtype)
+    device = torch.device(info["device"])
+    forget, retain = make_items(tok, parts["forget"], parts["retain"], cfg)
+    pad = tok.pad_token_id
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    before = audit_losses(model, forget, retain, pad, device)
+    timings["audit_before_s"] = time.perf_counter() - t
+
+    weight_info: dict[str, Any] = {}
+    t = time.perf_counter()
+    rw = None
+    if method.needs_influence:
+        if views is None:
+            raise RapidunError(f"method {method_name!r} needs the influence views; compute them with influence_views")
+        rw = rapidun_weights(views["FF"], views["FR"], views["RF"], views["RR"], cfg.weighting)
+        weight_info = {k: float(rw[k]) for k in rw if k.startswith(("sat_", "center_", "scale_"))}
+    w_f, w_r = method_weights(method, len(forget), len(retain), rw, u.seed)
+    if method.weights.startswith("loreun"):
+        ce_p = torch.tensor(before["ce_poisoned"][: len(forget)], dtype=torch.float64)
+        w_f = loreun_weights(ce_p, u.loreun_tau, u.loreun_w_min, u.loreun_w_max, method.weights == "loreun_hard_high")
+    timings["mapping_s"] = time.perf_counter() - t
+
+    result: dict[str, Any] = {"method": method.name, "summary": method.summary, "device": info["device"]}
+    if method.kind == "fisher":
+        val, _ = encode_records(tok, parts["val_clean"], cfg.model)
+        fstats = fisher_forget(model, [it.clean for it in retain], val, pad, u)
+        timings["training_s"] = fstats["time_s"]
+        result["fisher"] = fstats
+        merged = model
+    else:
+        model = attach_lora(model, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
+        ref = reference_logp(model, forget, pad, device) if method.forget_loss == "npo" else None
+        refresh = None
+        if method.weights == "loreun_dynamic":
+            poisoned_rows = [it.poisoned for it in forget]
+
+            def refresh(m: Any) -> torch.Tensor:
+                ce = eval_ce(m, poisoned_rows, pad, device)
+                return loreun_weights(ce, u.loreun_tau, u.loreun_w_min, u.loreun_w_max)
+
+        try:
+            stats = unlearn_loop(
+                model, forget, retain, u, method.forget_loss, method.retain, w_f, w_r, pad, device,
+                ref_logp=ref, refresh=refresh, refresh_every=u.loreun_every, desc=f"unlearn:{method.name}",
+            )  # fmt: skip
+            result["complete"] = True
+        except NonFiniteLoss as e:
+            stats = e.stats
+            result["complete"] = False
+            result["stopped"] = str(e)
+        timings["training_s"] = stats["time_s"]
+        result["train"] = stats
+        if out is not None and is_main():
+            with atomic_path(out / "adapter") as tmp:
+                model.save_pretrained(tmp)
+        merged = model.merge_and_unload()
+    merged.eval()
+    t = time.perf_counter()
+    after = audit_losses(merged, forget, retain, pad, device)
+    timings["audit_after_s"] = time.perf_counter() - t
+
+    infl_s = float(views["stats"]["total_s"]) if (views is not None and method.needs_influence) else 0.0
+    timings["influence_s"] = infl_s
+    timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"]
+    result["timings"] = timings
+    result["influence_cached"] = bool(views.get("cached")) if (views is not None and method.needs_influence) else None
+    result["weights"] = {
+        "forget": _summary(w_f),
+        "retain": _summary(w_r),
+        **weight_info,
+    }
+    nf = len(forget)
+    result["audit_means"] = {
+        "forget_ce_poisoned_before": _mean(before["ce_poisoned"][:nf]),
+        "forget_ce_poisoned_after": _mean(after["ce_poisoned"][:nf]),
+        "forget_ce_clean_before": _mean(before["ce_clean"][:nf]),
+        "forget_ce_clean_after": _mean(after["ce_clean"][:nf]),
+        "retain_ce_before": _mean(before["ce_clean"][nf:]),
+        "retain_ce_after": _mean(after["ce_clean"][nf:]),
+    }
+    if out is not None and is_main():
+        rows = _audit_rows(forget, retain, rw, w_f, w_r, before, after)
+        write_jsonl(out / "weights.jsonl", ({"id": r["id"], "group": r["group"], "weight": r["weight"]} for r in rows))
+        write_jsonl(out / "audit.jsonl", rows)
+        write_json(out / "result.json", result)
+    return merged, tok, result
+
+
+def _summary(w: torch.Tensor) -> dict[str, float]:
+    w = w.double()
+    if len(w) == 0:
+        return {"n": 0}
+    return {
+        "n": len(w),
+        "min": float(w.min()),
+        "median": float(w.median()),
+        "max": float(w.max()),
+        "mean": float(w.mean()),
+        "std": float(w.std()) if len(w) > 1 else 0.0,
+    }
+
+
+def _f(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def _audit_rows(
+    forget: list[UItem],
+    retain: list[UItem],
+    rw: dict[str, Any] | None,
+    w_f: torch.Tensor,
+    w_r: torch.Tensor,
+    before: dict[str, list],
+    after: dict[str, list],
+) -> list[dict[str, Any]]:
+    """One row per sample, keyed by id: the four aggregated scores, S, z, weight, losses before/after."""
+    rows = []
+    nf = len(forget)
+    for k, it in enumerate(forget + retain):
+        is_f = k < nf
+        j = k if is_f else k - nf
+        g = "forget" if is_f else "retain"
+        row: dict[str, Any] = {"id": it.id, "group": g}
+        for v in VIEWS:
+            mine = (v[0] == "F") == is_f  # FF, FR belong to forget samples; RF, RR to retain samples
+            row[v] = _f(rw[v][j]) if (rw is not None and mine) else None
+        row["S"] = _f(rw[f"S_{g}"][j]) if rw is not None else None
+        row["z"] = _f(rw[f"z_{g}"][j]) if rw is not None else None
+        row["weight"] = float((w_f if is_f else w_r)[j])
+        for name in ("ce_poisoned", "ce_clean"):
+            row[f"{name}_before"] = before[name][k]
+            row[f"{name}_after"] = after[name][k]
+        rows.append(row)
+    return rows
