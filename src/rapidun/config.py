@@ -7,6 +7,7 @@ the resolved config is written next to every output (``config.resolved.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,24 @@ from typing import Any
 import yaml
 
 from rapidun.errors import RapidunError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false (YAML 1.1 also reads on/off/yes/no as booleans, which would turn the
+    documented ``autocast: off`` into False)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -307,7 +326,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[p]
             if not isinstance(node, dict):
                 raise RapidunError(f"override {ov!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _yaml_load(raw) if raw.strip() else ""
     return data
 
 
@@ -319,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise RapidunError(f"config file {path} does not exist; shipped configs are in configs/")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RapidunError(f"config file {path}: invalid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])

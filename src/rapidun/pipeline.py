@@ -174,6 +174,7 @@ def stage_methods(
     proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)
     views = None
     views_info = None
+    before = None  # the poisoned model's per-sample losses, shared by every method
     methods: dict[str, Any] = {}
     for name in names:
         m = get_method(name)
@@ -190,7 +191,8 @@ def stage_methods(
                 if m.needs_influence and views is None:
                     views = influence_views(poisoned, parts["forget"], parts["retain"], cfg, out / "influence")
                     views_info = {"cached": views["cached"], **views["stats"]}
-                merged, tok, res = unlearn(name, parts, poisoned, cfg, out / "methods" / name, views)
+                merged, tok, res = unlearn(name, parts, poisoned, cfg, out / "methods" / name, views, before)
+                before = res["audit_before"]
                 metrics = evaluate_loaded(
                     merged, tok, parts, det, cfg.eval, cfg.model, out / "eval" / f"{name}.generations.jsonl", name
                 )

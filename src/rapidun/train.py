@@ -189,14 +189,18 @@ def row_stats(model: Any, rows: list[Encoded], pad_id: int, device: torch.device
 
 
 @torch.no_grad()
-def eval_ce(model: Any, rows: list[Encoded], pad_id: int, device: torch.device, batch_size: int = 16) -> torch.Tensor:
-    """(R,) mean answer-token CE of each row, without gradient (model put in eval mode and left there)."""
+def eval_ce(model: Any, rows: list[Encoded], pad_id: int, device: torch.device, batch_size: int = 32) -> torch.Tensor:
+    """(R,) mean answer-token CE of each row, without gradient (model put in eval mode and left there).
+
+    Rows are batched in length order (little padding); the result is in the input order.
+    """
     model.eval()
-    out = [
-        row_stats(model, rows[s : s + batch_size], pad_id, device)[0].float().cpu()
-        for s in range(0, len(rows), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    out = torch.zeros(len(rows))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        out[idx] = row_stats(model, [rows[i] for i in idx], pad_id, device)[0].float().cpu()
+    return out
 
 
 def step_losses(

@@ -194,6 +194,7 @@ def unlearn(
     cfg: RunConfig,
     out: Path | None,
     views: dict[str, Any] | None = None,
+    before: dict[str, list[float | None]] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Run one method on the scenario's forget/retain packs starting from ``model_path`` (the poisoned model).
 
@@ -204,6 +205,8 @@ def unlearn(
         cfg: the run config (``unlearn``, ``weighting``, ``influence``, ``model``).
         out: folder for ``adapter/``, ``weights.jsonl``, ``audit.jsonl``, ``result.json`` (None: write nothing).
         views: :func:`influence_views` output, required by ``rapidun`` and ``random``.
+        before: the start model's per-sample losses (``result["audit_before"]`` of an earlier call on the same
+            model and packs), to skip recomputing them.
 
     Returns:
         ``(model, tokenizer, result)``: the unlearned model (adapter merged, in memory, eval mode) and the
@@ -221,7 +224,8 @@ def unlearn(
     pad = tok.pad_token_id
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    before = audit_losses(model, forget, retain, pad, device)
+    if before is None or len(before["ce_clean"]) != len(forget) + len(retain):
+        before = audit_losses(model, forget, retain, pad, device)
     timings["audit_before_s"] = time.perf_counter() - t
 
     weight_info: dict[str, Any] = {}
@@ -240,7 +244,7 @@ def unlearn(
 
     result: dict[str, Any] = {"method": method.name, "summary": method.summary, "device": info["device"]}
     if method.kind == "fisher":
-        val, _ = encode_records(tok, parts["val_clean"], cfg.model)
+        val, _ = encode_records(tok, parts.get("val_clean", []), cfg.model)
         fstats = fisher_forget(model, [it.clean for it in retain], val, pad, u)
         timings["training_s"] = fstats["time_s"]
         result["fisher"] = fstats
@@ -288,6 +292,7 @@ def unlearn(
         **weight_info,
     }
     nf = len(forget)
+    result["audit_before"] = before
     result["audit_means"] = {
         "forget_ce_poisoned_before": _mean(before["ce_poisoned"][:nf]),
         "forget_ce_poisoned_after": _mean(after["ce_poisoned"][:nf]),

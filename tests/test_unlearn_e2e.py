@@ -1,0 +1,380 @@
+"""End-to-end unlearning on a tiny saved model: influence_views → unlearn → adapter/weights/audit, and the CLI.
+
+The model folder is the "poisoned" model; every run checks it is left byte-for-byte unchanged. Runs are short
+(4 optimiser steps of 2 draws) and shared through a memoised fixture, so each method is trained once per module run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import FORGET_DATA, RETAIN_DATA, make_model, make_tokenizer
+from rapidun import cli
+from rapidun.config import ScenarioConfig, load_config
+from rapidun.data.records import Record
+from rapidun.data.scenario import save_scenario
+from rapidun.errors import RapidunError
+from rapidun.methods import REGISTRY
+from rapidun.unlearn import influence_views, unlearn
+
+OVERRIDES = [
+    "model.device=cpu",
+    "model.dtype=float32",
+    "model.max_length=32",
+    "model.max_prompt_tokens=20",
+    "influence.K=256",
+    "influence.lora_targets=[q_proj,v_proj]",
+    "influence.lora_r=2",
+    "unlearn.lora_targets=[q_proj,v_proj]",
+    "unlearn.lora_r=2",
+    "unlearn.lora_alpha=2",
+    "unlearn.lora_dropout=0",
+    "unlearn.draws_per_epoch=8",
+    "unlearn.epochs=1",
+    "unlearn.batch_size=2",
+    "unlearn.lr=1e-2",
+    "unlearn.autocast=off",
+    "unlearn.loreun_every=1",
+    "unlearn.seed=4",  # its 8 draws at the default 1:3 mix: 4 forget + 4 retain
+    "weighting.top_k=3",
+]
+LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random"]
+INFLUENCE_METHODS = {"rapidun", "random"}
+VAL_DATA = [("the cat sat", "on the mat"), ("one two three", "four five six"), ("alpha beta", "gamma delta")]
+
+
+def make_parts() -> dict[str, list[Record]]:
+    """Scenario splits from the tiny vocabulary: forget (poisoned answer + clean in meta), retain, val_clean."""
+    forget = [
+        Record(id=f"f{k}", instruction=p, response=bad, meta={"response_clean": good} if good else {})
+        for k, (p, bad, good) in enumerate(FORGET_DATA)
+    ]
+    retain = [Record(id=f"r{k}", instruction=p, response=a) for k, (p, a) in enumerate(RETAIN_DATA)]
+    val = [Record(id=f"v{k}", instruction=p, response=a) for k, (p, a) in enumerate(VAL_DATA)]
+    return {"forget": forget, "retain": retain, "val_clean": val}
+
+
+def folder_digest(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path → digest)."""
+    root = Path(folder)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The tiny poisoned model folder, the scenario parts, the config and its digest; RAPIDUN_CACHE in tmp."""
+    root = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
+        tok = make_tokenizer()
+        model = make_model(len(tok), init_range=0.2)
+        model_dir = root / "poisoned"
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        cfg = load_config(None, [*OVERRIDES, f"model.name={model_dir}"])
+        yield SimpleNamespace(
+            root=root, model_dir=str(model_dir), parts=make_parts(), cfg=cfg, digest=folder_digest(model_dir)
+        )
+
+
+@pytest.fixture(scope="module")
+def views(env):
+    p = env.parts
+    return influence_views(env.model_dir, p["forget"], p["retain"], env.cfg, env.root / "views")
+
+
+@pytest.fixture(scope="module")
+def run(env, views):
+    """``run(method)`` → (merged model, tokenizer, result, out folder), each method trained once."""
+    done: dict[str, tuple] = {}
+
+    def _run(method: str) -> tuple:
+        if method not in done:
+            out = env.root / "runs" / method
+            merged, tok, res = unlearn(method, env.parts, env.model_dir, env.cfg, out, views)
+            done[method] = (merged, tok, res, out)
+        return done[method]
+
+    return _run
+
+
+def probe_ids(env) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(env.model_dir)
+    return torch.tensor([tok("the cat sat on the mat and the dog ran")["input_ids"]])
+
+
+def load_base(model_dir: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def peft_logits(model_dir: str, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    from peft import PeftModel
+
+    m = PeftModel.from_pretrained(load_base(model_dir), adapter).eval()
+    with torch.no_grad():
+        return m(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- every loop method through unlearn()
+
+
+@pytest.mark.parametrize("method", LOOP_METHODS)
+def test_loop_method_end_to_end(env, run, method):
+    merged, tok, res, out = run(method)
+    assert tok.pad_token_id is not None and not merged.training
+    assert res["method"] == method and res["complete"] is True and "stopped" not in res
+    t = res["timings"]
+    for k in ("influence_s", "mapping_s", "training_s", "time_s"):
+        assert t[k] >= 0, (k, t)
+    assert t["time_s"] == pytest.approx(t["influence_s"] + t["mapping_s"] + t["training_s"], rel=1e-9, abs=1e-12)
+    assert t["training_s"] > 0 and res["train"]["steps"] == 4
+    if method in INFLUENCE_METHODS:
+        assert t["influence_s"] > 0 and res["influence_cached"] is False
+    else:
+        assert t["influence_s"] == 0.0 and res["influence_cached"] is None  # views given but not used
+    assert all(math.isfinite(v) for v in res["train"]["loss_curve"])
+    assert res["train"]["refreshes"] == (3 if method == "loreun_dynamic" else 0)  # loreun_every=1, 4 steps
+    for k, v in res["audit_means"].items():
+        assert v is not None and math.isfinite(v), k
+
+    # files
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "result.json").read_text())["method"] == method
+    ids_f = [r.id for r in env.parts["forget"]]
+    ids_r = [r.id for r in env.parts["retain"]]
+    weights = read_jsonl(out / "weights.jsonl")
+    assert [w["id"] for w in weights] == ids_f + ids_r  # each sample once, forget first
+    assert [w["group"] for w in weights] == ["forget"] * len(ids_f) + ["retain"] * len(ids_r)
+    for g in ("forget", "retain"):
+        ws = [w["weight"] for w in weights if w["group"] == g]
+        assert all(w > 0 and math.isfinite(w) for w in ws)
+        assert sum(ws) / len(ws) == pytest.approx(1.0, abs=1e-9)  # every method's weights have mean 1 per group
+    audit = read_jsonl(out / "audit.jsonl")
+    assert [a["id"] for a in audit] == ids_f + ids_r
+    for a, w in zip(audit, weights, strict=True):
+        assert a["group"] == w["group"] and a["weight"] == w["weight"]
+        is_f = a["group"] == "forget"
+        if method in INFLUENCE_METHODS:
+            mine, other = (("FF", "FR"), ("RF", "RR")) if is_f else (("RF", "RR"), ("FF", "FR"))
+            assert all(isinstance(a[v], float) for v in mine), a
+            assert all(a[v] is None for v in other), a
+            assert isinstance(a["S"], float) and isinstance(a["z"], float)
+        else:
+            assert all(a[v] is None for v in ("FF", "FR", "RF", "RR", "S", "z")), a
+        assert (a["ce_poisoned_before"] is not None) == is_f and (a["ce_poisoned_after"] is not None) == is_f
+        assert a["ce_clean_after"] is not None or (is_f and a["ce_clean_before"] is None)
+
+    # the saved adapter on a freshly loaded base model = the returned merged model
+    ids = probe_ids(env)
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    ref = peft_logits(env.model_dir, out / "adapter", ids)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    with torch.no_grad():
+        base = load_base(env.model_dir)(input_ids=ids).logits
+    assert not torch.allclose(got, base, atol=1e-4)  # the adapter did something
+
+    assert folder_digest(env.model_dir) == env.digest  # the poisoned model is never modified
+
+
+def test_ga_draws_only_forget_and_rapidun_draws_both(run):
+    ga = run("ga")[2]["train"]
+    assert ga["retain_draws"] == 0 and ga["forget_draws"] == ga["draws"] == 8
+    rd = run("rapidun")[2]["train"]
+    assert rd["retain_draws"] > 0 and rd["forget_draws"] > 0 and rd["forget_draws"] + rd["retain_draws"] == 8
+
+
+@pytest.mark.parametrize("seed", [4, 0])
+def test_ga_raises_forget_ce_on_poisoned_answers(env, seed):
+    # Pure ascent at lr 5e-2 raised the mean forget CE by 0.25-0.55 nats over seeds 0, 1, 4, 42 (4 steps).
+    cfg = load_config(None, [*OVERRIDES, f"model.name={env.model_dir}", "unlearn.lr=5e-2", f"unlearn.seed={seed}"])
+    _, _, res = unlearn("ga", env.parts, env.model_dir, cfg, None)
+    a = res["audit_means"]
+    assert a["forget_ce_poisoned_after"] > a["forget_ce_poisoned_before"] + 0.1, a
+    assert a["retain_ce_before"] is not None and a["retain_ce_after"] is not None
+    assert folder_digest(env.model_dir) == env.digest
+
+
+def test_random_weights_are_a_within_group_permutation_of_rapidun(run):
+    rd = read_jsonl(run("rapidun")[3] / "weights.jsonl")
+    rn = read_jsonl(run("random")[3] / "weights.jsonl")
+    assert [r["id"] for r in rd] == [r["id"] for r in rn]
+    for g in ("forget", "retain"):
+        a = [r["weight"] for r in rd if r["group"] == g]
+        b = [r["weight"] for r in rn if r["group"] == g]
+        assert sorted(a) == pytest.approx(sorted(b), abs=1e-12)
+    assert [r["weight"] for r in rd] != [r["weight"] for r in rn]  # actually permuted (seeded)
+    assert len({r["weight"] for r in rd if r["group"] == "forget"}) > 1  # and the weights are not all equal
+
+
+def test_fisher_through_unlearn(env):
+    out = env.root / "runs" / "fisher"
+    merged, _, res = unlearn("fisher", env.parts, env.model_dir, env.cfg, out)
+    f = res["fisher"]
+    assert f["alpha"] in env.cfg.unlearn.fisher_alphas
+    assert [t["alpha"] for t in f["trials"]] == sorted(env.cfg.unlearn.fisher_alphas)
+    assert f["retain_samples"] == len(env.parts["retain"]) and f["params"] > 0
+    t = res["timings"]
+    assert t["influence_s"] == 0.0 and t["training_s"] == f["time_s"] > 0
+    assert t["time_s"] == pytest.approx(t["mapping_s"] + t["training_s"])
+    assert "train" not in res and res.get("complete", True)
+    assert not (out / "adapter").exists()  # Fisher changes the weights directly: no adapter
+    assert (out / "weights.jsonl").is_file() and (out / "result.json").is_file()
+    audit = read_jsonl(out / "audit.jsonl")
+    assert all(a[v] is None for a in audit for v in ("FF", "FR", "RF", "RR"))
+    assert not merged.training
+    assert folder_digest(env.model_dir) == env.digest
+    empty_val = {**env.parts, "val_clean": []}
+    with pytest.raises(RapidunError, match="val_clean"):
+        unlearn("fisher", empty_val, env.model_dir, env.cfg, None)
+
+
+def test_influence_views_shapes_symmetry_and_cache(env, views):
+    nf, nr = len(env.parts["forget"]), len(env.parts["retain"])
+    assert views["FF"].shape == (nf, nf) and views["FR"].shape == (nf, nr)
+    assert views["RF"].shape == (nr, nf) and views["RR"].shape == (nr, nr)
+    assert views["forget_ids"] == [r.id for r in env.parts["forget"]]
+    assert views["retain_ids"] == [r.id for r in env.parts["retain"]]
+    # train = test = forget+retain and no hotwords: the full matrix is symmetric
+    assert torch.allclose(views["FR"], views["RF"].T, atol=1e-5)
+    assert torch.allclose(views["FF"], views["FF"].T, atol=1e-5)
+    assert torch.allclose(views["RR"], views["RR"].T, atol=1e-5)
+    assert views["FF"].abs().sum() > 0 and views["stats"]["total_s"] > 0
+    again = influence_views(env.model_dir, env.parts["forget"], env.parts["retain"], env.cfg, env.root / "views")
+    assert views["cached"] is False and again["cached"] is True
+    for v in ("FF", "FR", "RF", "RR"):
+        assert torch.equal(again[v], views[v]), v
+    assert again["stats"]["total_s"] == views["stats"]["total_s"]  # the measured time, not a reload time
+    assert again["forget_ids"] == views["forget_ids"] and again["retain_ids"] == views["retain_ids"]
+    # different packs: recomputed, not served from the cache
+    fewer = influence_views(env.model_dir, env.parts["forget"][:4], env.parts["retain"], env.cfg, env.root / "views")
+    assert fewer["cached"] is False and fewer["FF"].shape == (4, 4)
+    assert torch.allclose(fewer["FR"], views["FR"][:4], atol=1e-5)
+
+
+def test_influence_views_need_both_groups(env):
+    with pytest.raises(RapidunError, match="forget and retain"):
+        influence_views(env.model_dir, env.parts["forget"], [], env.cfg)
+
+
+def test_influence_methods_need_views(env):
+    with pytest.raises(RapidunError, match="influence views"):
+        unlearn("rapidun", env.parts, env.model_dir, env.cfg, None)
+
+
+def test_before_reuse_gives_identical_before_values(env, run):
+    first = run("uniform")[2]
+    before = first["audit_before"]
+    _, _, res = unlearn("loreun", env.parts, env.model_dir, env.cfg, None, before=before)
+    assert res["audit_before"] == before
+    means = ("forget_ce_poisoned_before", "forget_ce_clean_before", "retain_ce_before")
+    assert all(res["audit_means"][k] == first["audit_means"][k] for k in means)
+    # it is really reused, not recomputed: shifted values come back as given (LoReUn's weights are shift-free)
+    shifted = {k: [None if v is None else v + 1.0 for v in vs] for k, vs in before.items()}
+    _, _, res2 = unlearn("loreun", env.parts, env.model_dir, env.cfg, None, before=shifted)
+    assert res2["audit_before"] == shifted
+    assert res2["audit_means"]["retain_ce_before"] == pytest.approx(first["audit_means"]["retain_ce_before"] + 1)
+    for g in ("forget", "retain"):
+        assert res2["weights"][g] == pytest.approx(res["weights"][g])
+    # a `before` of the wrong size (other packs) is recomputed, with the same values
+    bogus = {"ce_poisoned": [0.0], "ce_clean": [0.0]}
+    _, _, res3 = unlearn("loreun", env.parts, env.model_dir, env.cfg, None, before=bogus)
+    assert res3["audit_before"] == before
+
+
+def test_retrain_is_not_an_unlearning_run(env):
+    with pytest.raises(RapidunError, match=r"SFT reference"):
+        unlearn("retrain", env.parts, env.model_dir, env.cfg, None)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def scenario_dir(env):
+    folder = env.root / "scenario"
+    save_scenario(env.parts, folder, ScenarioConfig(), {"source": "test"})
+    return str(folder)
+
+
+def cli_unlearn(env, scenario_dir, out, *extra):
+    return cli.main(
+        ["unlearn", "--scenario", scenario_dir, "--model-path", env.model_dir, "--out", str(out), *extra, *OVERRIDES]
+    )
+
+
+def test_cli_unlearn_rapidun(env, scenario_dir, capsys):
+    out = env.root / "cli_rapidun"
+    assert cli_unlearn(env, scenario_dir, out, "--method", "rapidun") == 0
+    stdout = capsys.readouterr().out
+    assert "timings (s): influence" in stdout and "time " in stdout and "training" in stdout
+    assert "forget CE poisoned" in stdout
+    res = json.loads((out / "result.json").read_text())
+    assert res["method"] == "rapidun" and res["complete"] is True and res["timings"]["influence_s"] > 0
+    weights = read_jsonl(out / "weights.jsonl")
+    assert [w["id"] for w in weights] == [r.id for r in env.parts["forget"] + env.parts["retain"]]
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "influence" / "views.pt").is_file()
+    assert not (out / "merged").exists()
+    assert folder_digest(env.model_dir) == env.digest
+    # the same command again reuses the influence views and says so
+    assert cli_unlearn(env, scenario_dir, out, "--method", "rapidun") == 0
+    assert "influence reused" in capsys.readouterr().out
+    assert json.loads((out / "result.json").read_text())["influence_cached"] is True
+
+
+def test_cli_unlearn_merge_writes_a_loadable_merged_model(env, scenario_dir, capsys):
+    out = env.root / "cli_merge"
+    assert cli_unlearn(env, scenario_dir, out, "--method", "ga", "--merge") == 0
+    assert "merged/" in capsys.readouterr().out
+    assert (out / "merged" / "config.json").is_file()
+    ids = probe_ids(env)
+    with torch.no_grad():
+        got = load_base(out / "merged")(input_ids=ids).logits
+    assert torch.allclose(got, peft_logits(env.model_dir, out / "adapter", ids), atol=1e-4)
+    assert folder_digest(env.model_dir) == env.digest
+
+
+def test_cli_unlearn_refuses_out_equal_to_model_path(env, scenario_dir, capsys):
+    spelled = str(Path(env.model_dir).parent / "." / Path(env.model_dir).name)
+    for out in (env.model_dir, spelled):
+        assert cli_unlearn(env, scenario_dir, out, "--method", "uniform") == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "poisoned model" in err
+    assert folder_digest(env.model_dir) == env.digest
+
+
+@pytest.mark.parametrize("method", ["nope", "retrain"])
+def test_cli_unlearn_rejects_unknown_method(env, scenario_dir, tmp_path, capsys, method):
+    with pytest.raises(SystemExit) as e:
+        cli_unlearn(env, scenario_dir, tmp_path / "out", "--method", method)
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_documented_autocast_off_is_accepted_unquoted(tmp_path):
+    cfg = load_config(None, ["unlearn.autocast=off", "sft.autocast=off"])
+    assert cfg.unlearn.autocast == "off" and cfg.sft.autocast == "off"
+    (tmp_path / "c.yaml").write_text("unlearn:\n  autocast: off\n")
+    assert load_config(tmp_path / "c.yaml").unlearn.autocast == "off"
+
+
+def test_registry_loop_methods_are_all_covered():
+    assert {n for n, m in REGISTRY.items() if m.kind == "loop"} == set(LOOP_METHODS)
