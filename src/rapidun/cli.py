@@ -36,11 +36,18 @@ def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
     return load_config(args.config or default_path, ov)
 
 
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def print_table(report: dict[str, Any]) -> None:
-    """The poisoned-vs-retrain table (plus methods, when present)."""
+    """The poisoned-vs-retrain table, then the methods table (when the run has methods)."""
     rows = [("model", "ASR seen", "ASR OOD", "false trig", "clean PPL", "train s")]
-    for name, m in {**report["models"], **report.get("methods", {})}.items():
-        t = m.get("train_time_s", m.get("time_s", float("nan")))
+    for name, m in report["models"].items():
         rows.append(
             (
                 name,
@@ -48,14 +55,36 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{m['asr_ood']:.3f}",
                 f"{m['false_trigger']:.3f}",
                 f"{m['clean_ppl']:.2f}",
-                f"{t:.0f}",
+                f"{m['train_time_s']:.0f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_rows(rows)
+    methods = report.get("methods") or {}
+    if methods:
+        print()
+        rows = [("method", "ASR seen", "ASR OOD", "false trig", "clean PPL", "time s", "vs retrain", "Dolly-scale*")]
+        for name, m in methods.items():
+            dolly = m["speedup_vs_retrain_at_scale"].get("dolly")
+            rows.append(
+                (
+                    name,
+                    f"{m['asr_seen']:.3f}",
+                    f"{m['asr_ood']:.3f}",
+                    f"{m['false_trigger']:.3f}",
+                    f"{m['clean_ppl']:.2f}",
+                    f"{m['time_s']:.0f}",
+                    f"{m['speedup_vs_retrain']:.1f}x",
+                    f"{dolly:.1f}x" if dolly is not None else "-",
+                )
+            )
+        _print_rows(rows)
+        proj = (report.get("influence") or {}).get("retrain_projection", {})
+        if proj:
+            print(
+                f"time s = influence + weights + training, measured. * projected: retraining on Dolly's "
+                f"{proj['corpus_samples']['dolly']:,} clean samples ({proj['retrain_s']['dolly']:.0f} s from the "
+                f"measured {proj['retrain_tokens_per_s']:.0f} tokens/s) / time s"
+            )
     fam = report["models"]["poisoned"]["asr_seen_by_family"]
     print("poisoned ASR by family (seen):", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
     fam = report["models"]["poisoned"]["asr_ood_by_family"]
