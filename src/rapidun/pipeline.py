@@ -210,8 +210,9 @@ def stage_methods(
             if m.needs_influence and views_info is None:
                 views_info = {"cached": True, "total_s": res["timings"]["influence_s"]}
         entry["speedup_vs_retrain"] = retrain_s / entry["time_s"] if entry["time_s"] > 0 else None
-        entry["speedup_vs_retrain_at_scale"] = {
-            k: v / entry["time_s"] if entry["time_s"] > 0 else None for k, v in proj["retrain_s"].items()
+        entry["speedup_vs_retrain_at_scale"] = {  # projected retraining time / measured time (None for retrain)
+            k: v / entry["time_s"] if entry["time_s"] > 0 and m.kind != "retrain" else None
+            for k, v in proj["retrain_s"].items()
         }
         methods[name] = entry
     return methods, (views_info | {"retrain_projection": proj}) if views_info else {"retrain_projection": proj}

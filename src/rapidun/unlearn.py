@@ -283,6 +283,12 @@ def unlearn(
 
     infl_s = float(views["stats"]["total_s"]) if (views is not None and method.needs_influence) else 0.0
     timings["influence_s"] = infl_s
+    if views is not None and method.needs_influence:  # its parts: sketching + caching, retrieval
+        st = views["stats"]
+        timings["influence_caching_s"] = sum(
+            st[g][k] for g in ("train", "test") for k in ("grad_s", "sketch_s", "write_s")
+        )
+        timings["influence_retrieval_s"] = float(st["retrieval_s"])
     timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"]
     result["timings"] = timings
     result["influence_cached"] = bool(views.get("cached")) if (views is not None and method.needs_influence) else None
