@@ -36,6 +36,10 @@ def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
     return load_config(args.config or default_path, ov)
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"  # a collapsed model's perplexity stays readable
+
+
 def _print_rows(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
@@ -54,7 +58,7 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{m['asr_seen']:.3f}",
                 f"{m['asr_ood']:.3f}",
                 f"{m['false_trigger']:.3f}",
-                f"{m['clean_ppl']:.2f}",
+                _ppl(m["clean_ppl"]),
                 f"{m['train_time_s']:.0f}",
             )
         )
@@ -71,7 +75,7 @@ def print_table(report: dict[str, Any]) -> None:
                     f"{m['asr_seen']:.3f}",
                     f"{m['asr_ood']:.3f}",
                     f"{m['false_trigger']:.3f}",
-                    f"{m['clean_ppl']:.2f}",
+                    _ppl(m["clean_ppl"]),
                     f"{m['time_s']:.0f}",
                     f"{m['speedup_vs_retrain']:.1f}x",
                     f"{dolly:.1f}x" if dolly is not None else "-",
