@@ -207,8 +207,10 @@ def stage_methods(
                 "audit_means": res["audit_means"],
                 "cached": cached,
             }
-            if m.needs_influence and views_info is None:
-                views_info = {"cached": True, "total_s": res["timings"]["influence_s"]}
+            if m.needs_influence and views_info is None:  # every influence method reused: the stored stats
+                vj = out / "influence" / "views.json"
+                stored = read_json(vj)["stats"] if vj.is_file() else {"total_s": res["timings"]["influence_s"]}
+                views_info = {**stored, "cached": True}
         entry["speedup_vs_retrain"] = retrain_s / entry["time_s"] if entry["time_s"] > 0 else None
         entry["speedup_vs_retrain_at_scale"] = {  # projected retraining time / measured time (None for retrain)
             k: v / entry["time_s"] if entry["time_s"] > 0 and m.kind != "retrain" else None
