@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from rapidun.data.records import Record
 from rapidun.data.template import collate, encode_records
 from rapidun.errors import RapidunError
 from rapidun.influence.check import pearson, rank, sketch_fidelity, spearman, topk_overlap
-from rapidun.influence.engine import exact_grads, influence, prepare
+from rapidun.influence.engine import cache_key, exact_grads, hotword_ids, influence, prepare
 from rapidun.influence.grads import per_sample_grads
 from rapidun.influence.sketch import RapidGrad
 
@@ -68,6 +71,38 @@ def test_engine_matrix_equals_manual_sketch_products_and_reuses_cache(tiny_dir):
     assert torch.equal(again["matrix"], res["matrix"])
 
 
+def test_cache_key_is_id_plus_content_hash():
+    a = recs("a", 2)
+    edited = dataclasses.replace(a[0], response="the park")
+    assert cache_key(a[0]) == cache_key(recs("a", 1)[0]) and cache_key(a[0]).startswith("a0#")
+    assert cache_key(edited) != cache_key(a[0]) and cache_key(edited).startswith("a0#")
+    assert cache_key(a[0]) != cache_key(a[1])
+
+
+def test_edited_record_with_same_id_is_recomputed_in_the_given_cache_dir(tiny_dir, tmp_path):
+    mcfg, icfg = cfgs()
+    train, test = recs("a", 4), recs("b", 2)
+    folder = tmp_path / "my_sketches"
+    res = influence(tiny_dir, train, test, mcfg, icfg, cache_dir=folder)
+    assert res["stats"]["train"]["computed"] == 4 and res["stats"]["test"]["computed"] == 2
+    edited = list(train)
+    edited[1] = dataclasses.replace(train[1], response="the cat sat on the mat")  # same id "a1", new answer
+    again = influence(tiny_dir, edited, test, mcfg, icfg, cache_dir=folder)
+    assert again["stats"]["train"]["computed"] == 1 and again["stats"]["train"]["cached"] == 3
+    assert again["stats"]["test"]["computed"] == 0
+    assert again["train_ids"] == res["train_ids"]
+    assert not torch.allclose(again["matrix"][1], res["matrix"][1])  # the edited row is not the stale sketch
+    keep = [0, 2, 3]
+    assert torch.equal(again["matrix"][keep], res["matrix"][keep])
+    # a test record sharing a train record's id but not its content gets its own sketch
+    clash = [dataclasses.replace(train[0], instruction="one two three", response="four five six")]
+    third = influence(tiny_dir, train, clash, mcfg, icfg, cache_dir=folder)
+    assert third["stats"]["train"]["computed"] == 0 and third["stats"]["test"]["computed"] == 1
+    # everything went under cache_dir, nothing under $RAPIDUN_CACHE/sketches
+    assert any(folder.rglob("manifest.json"))
+    assert not (Path(os.environ["RAPIDUN_CACHE"]) / "sketches").exists()
+
+
 def test_engine_lora_and_hotwords(tiny_dir):
     mcfg, icfg = cfgs(hotwords=["park"])
     train, test = recs("a", 3), recs("b", 7)
@@ -79,6 +114,12 @@ def test_engine_lora_and_hotwords(tiny_dir):
     assert res["stats"]["test"]["no_answer_tokens"] == len(no_park) > 0
     assert torch.all(res["matrix"][:, no_park] == 0)
     assert res["stats"]["D"] > 0
+
+
+def test_hotword_ids_never_include_unk():
+    tok = make_tokenizer()  # word-level: "park" is known, "Park" is not
+    assert tok.convert_tokens_to_ids("park") in hotword_ids(tok, ["park"])
+    assert tok.unk_token_id not in hotword_ids(tok, ["park"])
 
 
 def test_engine_rejects_empty_sets(tiny_dir):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from rapidun.errors import RapidunError
+from rapidun.io import stable_hash
 from rapidun.models import fingerprint, resolve_device, resolve_dtype, resolve_model_path
 
 
@@ -63,3 +66,41 @@ def test_fingerprint(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 2}', encoding="utf-8")
     assert fingerprint(str(tmp_path)) != f1
     assert fingerprint("org/model") == fingerprint("org/model") != fingerprint("org/other")
+
+
+def test_fingerprint_sees_same_size_content_change_and_mtime(tmp_path):
+    (tmp_path / "config.json").write_text('{"a": 1}', encoding="utf-8")
+    w = tmp_path / "model.safetensors"
+    size = 2 << 20  # 2 MiB: larger than the 16 sampled 64 KiB chunks together
+    data = bytearray(b"\x01" * size)
+    w.write_bytes(data)
+    st = w.stat()
+    f1 = fingerprint(str(tmp_path))
+    assert fingerprint(str(tmp_path)) == f1  # nothing changed: stable
+
+    def rewrite(b: bytes) -> None:
+        w.write_bytes(b)
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the content differs
+        assert w.stat().st_size == st.st_size and w.stat().st_mtime_ns == st.st_mtime_ns
+
+    changed = bytearray(data)
+    changed[size * 8 // 16 + 100] = 2  # inside the 9th sampled chunk, far from the start
+    rewrite(bytes(changed))
+    f2 = fingerprint(str(tmp_path))
+    assert f2 != f1
+    rewrite(bytes(data))  # back to the original bytes (and mtime): the original fingerprint
+    assert fingerprint(str(tmp_path)) == f1
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, newer mtime
+    assert fingerprint(str(tmp_path)) not in (f1, f2)
+    (tmp_path / "rapidun_converted.json").write_text("{}", encoding="utf-8")  # the conversion marker is ignored
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint(str(tmp_path)) == f1
+
+
+def test_fingerprint_of_non_folder_is_the_hub_id_hash(tmp_path):
+    assert fingerprint("org/model") == fingerprint("org/model") == stable_hash({"hub": "org/model"})
+    assert fingerprint("org/model") != fingerprint("org/model2")
+    f = tmp_path / "weights.bin"  # a file, not a folder: hashed as a name too
+    f.write_bytes(b"x")
+    assert fingerprint(str(f)) == stable_hash({"hub": str(f)})
+    assert fingerprint(str(tmp_path / "missing")) == stable_hash({"hub": str(tmp_path / "missing")})

@@ -60,8 +60,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert one["ranks"] == 1
         r0, r1 = ranks[0][loss], ranks[1][loss]
         assert r0["ranks"] == r1["ranks"] == 2
-        assert r0["rows"] + r1["rows"] == one["rows"]  # each draw computed on exactly one rank
-        assert r0["rows"] > 0 and r1["rows"] > 0
+        assert r0["rows"] == r1["rows"] == one["rows"]  # counts summed over ranks: every row computed once
         assert len(r0["curve"]) == len(one["curve"]) == 4
         assert r0["curve"] == r1["curve"]  # the all-reduced loss
         assert max(abs(a - b) for a, b in zip(r0["curve"], one["curve"], strict=True)) < 1e-4

@@ -269,6 +269,31 @@ def test_influence_views_shapes_symmetry_and_cache(env, views):
     assert torch.allclose(fewer["FR"], views["FR"][:4], atol=1e-5)
 
 
+HOTWORDS = ["park", "dog"]  # in the poisoned answers of f0, f1, f4 (FORGET_DATA), in no retain answer
+
+
+def test_influence_views_hotwords_restrict_only_the_forget_test_columns(env, views):
+    p = env.parts
+    assert [any(w in r.response.split() for w in HOTWORDS) for r in p["forget"]] == [1, 1, 0, 0, 1, 0]
+    assert not any(w in r.response.split() for r in p["retain"] for w in HOTWORDS)
+    cfg = load_config(None, [*OVERRIDES, f"model.name={env.model_dir}", f"influence.hotwords=[{','.join(HOTWORDS)}]"])
+    hot = influence_views(env.model_dir, p["forget"], p["retain"], cfg, env.root / "views_hot")
+    assert hot["cached"] is False
+    # retain-as-test columns use the plain loss: not zero, and equal to the plain views
+    assert hot["FR"].abs().sum() > 0 and hot["RR"].abs().sum() > 0
+    assert torch.allclose(hot["FR"], views["FR"], atol=1e-5) and torch.allclose(hot["RR"], views["RR"], atol=1e-5)
+    # forget-as-test columns use the hotword loss: zero where the answer has no hotword, changed elsewhere
+    for v in ("FF", "RF"):
+        assert torch.all(hot[v][:, [2, 3, 5]] == 0), v
+        assert torch.all(hot[v][:, [0, 1, 4]].abs().sum(0) > 0), v
+        assert not torch.allclose(hot[v], views[v], atol=1e-5), v
+    st = hot["stats"]
+    nf, nr = len(p["forget"]), len(p["retain"])
+    assert st["train"]["computed"] == nf + nr and st["test"]["computed"] == nf
+    assert st["test_retain"]["computed"] == 0 and st["test_retain"]["cached"] == nr  # plain train sketches reused
+    assert st["total_s"] > 0
+
+
 def test_influence_views_need_both_groups(env):
     with pytest.raises(RapidunError, match="forget and retain"):
         influence_views(env.model_dir, env.parts["forget"], [], env.cfg)
@@ -277,6 +302,15 @@ def test_influence_views_need_both_groups(env):
 def test_influence_methods_need_views(env):
     with pytest.raises(RapidunError, match="influence views"):
         unlearn("rapidun", env.parts, env.model_dir, env.cfg, None)
+
+
+@pytest.mark.parametrize("pack", ["forget", "retain"])
+def test_unlearn_refuses_views_of_other_packs(env, views, pack):
+    parts = {**env.parts, pack: env.parts[pack][::-1]}  # same samples, another order
+    out = env.root / "runs" / f"mismatch_{pack}"
+    with pytest.raises(RapidunError, match="other forget/retain packs"):
+        unlearn("rapidun", parts, env.model_dir, env.cfg, out, views)
+    assert not out.exists()
 
 
 def test_before_reuse_gives_identical_before_values(env, run):
@@ -357,6 +391,29 @@ def test_cli_unlearn_refuses_out_equal_to_model_path(env, scenario_dir, capsys):
         assert cli_unlearn(env, scenario_dir, out, "--method", "uniform") == 2
         err = capsys.readouterr().err
         assert "--out" in err and "poisoned model" in err
+    assert folder_digest(env.model_dir) == env.digest
+
+
+def test_cli_unlearn_refuses_out_inside_model_path(env, scenario_dir, capsys):
+    out = Path(env.model_dir) / "sub"
+    assert cli_unlearn(env, scenario_dir, out, "--method", "uniform") == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "inside" in err
+    assert not out.exists()
+    assert folder_digest(env.model_dir) == env.digest  # nothing created or changed inside the model folder
+
+
+def test_cli_unlearn_non_finite_loss_fails_with_an_incomplete_result(env, scenario_dir, capsys):
+    # a sibling whose name starts with the model folder's name is not "inside" it
+    out = Path(env.model_dir + "_nonfinite")
+    # α_a·CE(poisoned) overflows float32 at the first forget draw: the loss is −inf
+    assert cli_unlearn(env, scenario_dir, out, "--method", "uniform", "unlearn.ascent_alpha=1e39") == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "outputs written to" in err
+    res = json.loads((out / "result.json").read_text())
+    assert res["complete"] is False and "loss became" in res["stopped"]
+    assert res["train"]["steps"] < 4 and all(math.isfinite(v) for v in res["train"]["loss_curve"])
+    assert (out / "adapter" / "adapter_config.json").is_file()  # the last good adapter is kept
     assert folder_digest(env.model_dir) == env.digest
 
 

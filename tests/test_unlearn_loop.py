@@ -156,12 +156,17 @@ def test_unlearn_loop_errors(tiny_tok):
                      w_f, w_r, pad, CPU)  # fmt: skip
 
 
-def run_until_nan(tok, w_f, cfg):
-    """Run the loop with ``w_f``; returns (the exception, initial adapter, adapter after every completed step)."""
+def run_until_nan(tok, w_f, cfg, grad_hook=None):
+    """Run the loop with ``w_f``; returns (the exception, initial adapter, adapter after every completed step).
+
+    ``grad_hook``: a tensor hook registered on the first LoRA B matrix (it may replace that gradient).
+    """
     pad = tok.pad_token_id
     model = lora_model(tok)
     forget, retain = make_unlearn_items(tok)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if grad_hook is not None:
+        next(p for n, p in trainable.items() if "lora_B" in n).register_hook(grad_hook)
     init = {n: p.detach().clone() for n, p in trainable.items()}
     snapshots = []
     handle = register_optimizer_step_post_hook(
@@ -205,6 +210,39 @@ def test_non_finite_loss_later_keeps_last_good_adapter(tiny_tok):
     for n in init:
         assert torch.equal(final[n], snapshots[-1][n]), n
     assert any(not torch.equal(final[n], init[n]) for n in init)  # the good steps did move it
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_with_finite_loss_stops_at_step_zero(tiny_tok, grad_clip, bad):
+    forget, _ = make_unlearn_items(tiny_tok)
+    cfg = loop_cfg(grad_clip=grad_clip)
+    err, init, snapshots, final = run_until_nan(
+        tiny_tok, torch.ones(len(forget)), cfg, grad_hook=lambda g: torch.full_like(g, bad)
+    )
+    msg = str(err)
+    assert "gradient norm" in msg and "step 0" in msg and "loss nan" not in msg and "loss inf" not in msg
+    assert snapshots == [] and err.stats["steps"] == 0 and err.stats["loss_curve"] == []
+    assert "time_s" in err.stats
+    for n in init:
+        assert torch.equal(final[n], init[n]), n
+
+
+def test_non_finite_gradient_later_keeps_last_good_adapter(tiny_tok):
+    forget, _ = make_unlearn_items(tiny_tok)
+    calls = []
+
+    def hook(g):  # one backward per step: a NaN gradient at the third step only
+        calls.append(1)
+        return torch.full_like(g, float("nan")) if len(calls) == 3 else g
+
+    err, init, snapshots, final = run_until_nan(tiny_tok, torch.ones(len(forget)), loop_cfg(grad_clip=0.0), hook)
+    assert "gradient norm" in str(err) and "step 2" in str(err)
+    assert err.stats["steps"] == 2 == len(snapshots) == len(err.stats["loss_curve"])
+    assert all(math.isfinite(v) for v in err.stats["loss_curve"])
+    for n in init:
+        assert torch.equal(final[n], snapshots[-1][n]), n
+    assert any(not torch.equal(final[n], init[n]) for n in init)
 
 
 # ---------------------------------------------------------------- LoReUn and method weights

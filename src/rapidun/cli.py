@@ -265,8 +265,10 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     if method.kind == "retrain":
         raise RapidunError("'retrain' is the SFT reference: build it with `rapidun poison` or `rapidun run`")
     parts, _ = load_scenario(args.scenario)
-    if Path(args.out).resolve() == Path(args.model_path).resolve():
-        raise RapidunError("--out is the poisoned model's folder; choose another folder (the model is never modified)")
+    if Path(args.out).resolve().is_relative_to(Path(args.model_path).resolve()):
+        raise RapidunError(
+            "--out is the poisoned model's folder or inside it; choose another folder (the model is never modified)"
+        )
     out = prepare_out(args.out, cfg, args.overwrite) if is_main() else Path(args.out)
     barrier()
     views = None
@@ -293,7 +295,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         f"retain CE {a['retain_ce_before']:.3f} -> {a['retain_ce_after']:.3f}"
     )
     if not res.get("complete", True):
-        print(f"warning: {res['stopped']}", file=sys.stderr)
+        raise RapidunError(f"{res['stopped']} (outputs written to {out})")
     files = ["adapter/" if method.kind == "loop" else None, "weights.jsonl", "audit.jsonl", "result.json"]
     files += ["merged/"] if cfg.unlearn.merge else []
     print(f"written to {out}: " + ", ".join(f for f in files if f))

@@ -8,6 +8,7 @@ The weights are a dequantised 4-bit copy: fine for demos and tests, not comparab
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -179,13 +180,28 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> tuple[An
 
 
 def fingerprint(path: str) -> str:
-    """Short content id of a model: hash of its folder's config + weight file sizes/names, or the hub id."""
+    """Short content id of a model folder (or the hub id), cheap even for multi-GB weights.
+
+    Hashes the folder's resolved path, ``config.json``, and for every file its name, size, ``mtime_ns`` and 16
+    evenly spaced 64 KiB samples of its bytes: two different fine-tunes of one base (same names and sizes) get
+    different fingerprints, so influence sketches and unlearning results are never mixed across them.
+    """
     p = Path(path)
     if not p.is_dir():
         return stable_hash({"hub": path})
-    files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file() and f.name != _DONE)
+    files = []
+    for f in sorted(p.iterdir()):
+        if not f.is_file() or f.name == _DONE:
+            continue
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(st.st_size * k // 16)
+                h.update(fh.read(1 << 16))
+        files.append((f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]))
     cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
-    return stable_hash({"files": files, "config": cfg})
+    return stable_hash({"path": str(p.resolve()), "files": files, "config": cfg})
 
 
 def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:

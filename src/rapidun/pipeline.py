@@ -148,7 +148,7 @@ def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, l
             "model_cfg": to_dict(cfg.model),
             "eval": to_dict(cfg.eval),
             "keywords": det.keywords,
-            "ids": {k: [r.id for r in v] for k, v in parts.items()},
+            "parts": stable_hash({k: [r.to_json() for r in v] for k, v in parts.items()}),
         }
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -330,6 +331,12 @@ def unlearn_loop(
         )
     if cfg.batch_size <= 0:
         raise RapidunError(f"unlearn.batch_size must be > 0, got {cfg.batch_size}")
+    if world > cfg.batch_size and rank == 0:
+        warnings.warn(
+            f"{desc}: unlearn.batch_size={cfg.batch_size} < {world} ranks: {world - cfg.batch_size} rank(s) idle at "
+            "every step (results are unchanged); raise unlearn.batch_size to use them",
+            stacklevel=2,
+        )
     schedule = draw_schedule(len(forget), len(retain), cfg, use_retain)
     batches = [schedule[s : s + cfg.batch_size] for s in range(0, len(schedule), cfg.batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -389,8 +396,16 @@ def unlearn_loop(
             loss_local.backward()
         if world > 1:
             _all_reduce_grads(params)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # The norm is taken after the all-reduce, so every rank sees the same value and stops together.
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            stats["time_s"] = time.perf_counter() - t0
+            raise NonFiniteLoss(
+                f"{desc}: the gradient norm became {norm.item()} at step {step} (loss {value.item():.4g}); stopped "
+                "before that step, the adapter holds the last good parameters. Lower unlearn.lr, or set "
+                "unlearn.autocast=off if bf16 overflows",
+                stats,
+            )
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -401,6 +416,12 @@ def unlearn_loop(
     bar.close()
     elapsed = time.perf_counter() - t0
     model.eval()
+    if world > 1:  # rows and tokens of every rank
+        import torch.distributed as dist
+
+        counts = torch.tensor([stats["rows"], stats["tokens"]], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        stats["rows"], stats["tokens"] = int(counts[0]), int(counts[1])
     stats["time_s"] = elapsed
     stats["tokens_per_s"] = stats["tokens"] / max(elapsed, 1e-9)
     stats["final_w_forget"] = w_f.tolist()

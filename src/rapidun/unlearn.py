@@ -13,6 +13,7 @@ One function per step, each timed (never a constant):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_js
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
 from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
-from rapidun.train import NonFiniteLoss, UItem, eval_ce, unlearn_loop
+from rapidun.train import NonFiniteLoss, UItem, eval_ce, unlearn_loop, use_autocast
 from rapidun.weighting import rapidun_weights
 
 VIEWS = ("FF", "FR", "RF", "RR")
@@ -69,9 +70,12 @@ def influence_views(
 ) -> dict[str, Any]:
     """The four directional views at the poisoned model, reused from ``folder`` when inputs are unchanged.
 
-    One influence computation of train = forget+retain against test = forget+retain gives all four views
-    (every sample's sketch is computed once). A reuse keeps the originally measured timings and says so
-    (``cached: True``).
+    Influence of train = forget+retain against test = forget+retain gives all four views (every sample's sketch is
+    computed once). Token-wise mode (``influence.hotwords``) restricts the test loss of the *forget* samples only
+    (retain answers hold no poison words: restricted, their test gradients would be zero). Sketches are cached
+    in ``folder/sketches`` (this run only, so the measured time is the real cost; a resumed run reuses what it
+    already computed and counts it in ``stats[..]["cached"]``). A reuse of the whole views keeps the originally
+    measured timings and says so (``cached: True``).
 
     Returns:
         ``{"FF", "FR", "RF", "RR": float32 tensors [train, test], "forget_ids", "retain_ids", "stats",
@@ -85,8 +89,8 @@ def influence_views(
             "model": fingerprint(path),
             "influence": to_dict(cfg.influence),
             "model_cfg": to_dict(cfg.model),
-            "forget": [r.id for r in forget],
-            "retain": [r.id for r in retain],
+            "forget": [r.to_json() for r in forget],
+            "retain": [r.to_json() for r in retain],
         }
     )
     if folder is not None and (folder / "views.json").is_file() and read_json(folder / "views.json")["key"] == key:
@@ -98,13 +102,20 @@ def influence_views(
             "cached": True,
         }
     recs = forget + retain
-    res = influence(path, recs, recs, cfg.model, cfg.influence)
-    M = res["matrix"].float().cpu()  # (N_f+N_r, N_f+N_r)
-    out = {
-        "forget_ids": [r.id for r in forget],
-        "retain_ids": [r.id for r in retain],
-        "stats": res["stats"],
-    }
+    sketches = folder / "sketches" if folder is not None else None
+    if cfg.influence.hotwords:
+        plain = dataclasses.replace(cfg.influence, hotwords=[])
+        rf = influence(path, recs, forget, cfg.model, cfg.influence, sketches)  # forget test loss on hotwords
+        rr = influence(path, recs, retain, cfg.model, plain, sketches)
+        M = torch.cat([rf["matrix"], rr["matrix"]], dim=1).float().cpu()  # (N_f+N_r, N_f+N_r)
+        stats = {**rf["stats"], "test_retain": rr["stats"]["test"]}
+        for k in ("load_s", "retrieval_s", "total_s"):
+            stats[k] = rf["stats"][k] + rr["stats"][k]
+    else:
+        res = influence(path, recs, recs, cfg.model, cfg.influence, sketches)
+        M = res["matrix"].float().cpu()  # (N_f+N_r, N_f+N_r)
+        stats = res["stats"]
+    out = {"forget_ids": [r.id for r in forget], "retain_ids": [r.id for r in retain], "stats": stats}
     if folder is not None and is_main():
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "views.pt") as tmp:
@@ -169,12 +180,18 @@ def audit_losses(
 
 
 @torch.no_grad()
-def reference_logp(model: Any, forget: list[UItem], pad_id: int, device: torch.device) -> torch.Tensor:
-    """(N_f,) summed log-probability of each poisoned answer with the adapter disabled (NPO's reference)."""
+def reference_logp(
+    model: Any, forget: list[UItem], pad_id: int, device: torch.device, autocast: bool = False
+) -> torch.Tensor:
+    """(N_f,) summed log-probability of each poisoned answer with the adapter disabled (NPO's reference).
+
+    ``autocast``: compute under the same bf16 autocast as the training loop, so that log π_θ − log π_ref is 0 at
+    the start instead of a rounding difference summed over the answer.
+    """
     from rapidun.train import row_stats
 
     model.eval()
-    with model.disable_adapter():
+    with model.disable_adapter(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = [
             row_stats(model, [it.poisoned for it in forget[s : s + 16]], pad_id, device)[1].float().cpu()
             for s in range(0, len(forget), 16)
@@ -234,6 +251,11 @@ def unlearn(
     if method.needs_influence:
         if views is None:
             raise RapidunError(f"method {method_name!r} needs the influence views; compute them with influence_views")
+        if views["forget_ids"] != [it.id for it in forget] or views["retain_ids"] != [it.id for it in retain]:
+            raise RapidunError(
+                "the influence views were computed for other forget/retain packs (ids or order differ); "
+                "recompute them with influence_views on this scenario"
+            )
         rw = rapidun_weights(views["FF"], views["FR"], views["RF"], views["RR"], cfg.weighting)
         weight_info = {k: float(rw[k]) for k in rw if k.startswith(("sat_", "center_", "scale_"))}
     w_f, w_r = method_weights(method, len(forget), len(retain), rw, u.seed)
@@ -251,7 +273,8 @@ def unlearn(
         merged = model
     else:
         model = attach_lora(model, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
-        ref = reference_logp(model, forget, pad, device) if method.forget_loss == "npo" else None
+        ac = use_autocast(u.autocast, device)
+        ref = reference_logp(model, forget, pad, device, ac) if method.forget_loss == "npo" else None
         refresh = None
         if method.weights == "loreun_dynamic":
             poisoned_rows = [it.poisoned for it in forget]
@@ -285,9 +308,9 @@ def unlearn(
     timings["influence_s"] = infl_s
     if views is not None and method.needs_influence:  # its parts: sketching + caching, retrieval
         st = views["stats"]
-        timings["influence_caching_s"] = sum(
-            st[g][k] for g in ("train", "test") for k in ("grad_s", "sketch_s", "write_s")
-        )
+        parts_ = [g for g in ("train", "test", "test_retain") if g in st]
+        timings["influence_caching_s"] = sum(st[g][k] for g in parts_ for k in ("grad_s", "sketch_s", "write_s"))
+        timings["influence_sketches_reused"] = sum(st[g]["cached"] for g in parts_)
         timings["influence_retrieval_s"] = float(st["retrieval_s"])
     timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"]
     result["timings"] = timings

@@ -45,6 +45,8 @@ def hotword_ids(tok: Any, words: list[str]) -> set[int]:
     for w in words:
         for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
             ids.update(tok(form, add_special_tokens=False)["input_ids"])
+    # A form the vocabulary lacks becomes <unk> (tokenizers without byte fallback); <unk> is never a hotword.
+    ids.discard(getattr(tok, "unk_token_id", None))
     return ids
 
 
@@ -75,6 +77,12 @@ def open_cache(meta: dict, folder: str | Path | None = None) -> SketchCache:
     return SketchCache(folder, meta)
 
 
+def cache_key(r: Record) -> str:
+    """A record's key in a sketch cache: its id plus a hash of its content, so an edited record with the same
+    id (e.g. a rebuilt scenario with new poison text) is recomputed, never served a stale sketch."""
+    return f"{r.id}#{stable_hash(r.to_json(), 12)}"
+
+
 def sketch_records(
     model: Any,
     tok: Any,
@@ -94,8 +102,8 @@ def sketch_records(
     Samples with no answer tokens (possible only in token-wise mode) get a zero sketch and are counted.
     """
     rank, world = rank_world()
-    todo = set(broadcast(cache.missing([r.id for r in records]) if cache is not None else None))
-    recs = [r for r in records if r.id in todo]
+    todo = set(broadcast(cache.missing([cache_key(r) for r in records]) if cache is not None else None))
+    recs = [r for r in records if cache_key(r) in todo]
     device = next(model.parameters()).device
     stats = {
         "computed": len(recs),
@@ -125,7 +133,7 @@ def sketch_records(
             torch.cuda.synchronize()
         stats["grad_s"] += t1 - t0
         stats["sketch_s"] += time.perf_counter() - t1
-        mine[s] = ([r.id for r in recs[s : s + icfg.batch_size]], S.cpu(), empty)
+        mine[s] = ([cache_key(r) for r in recs[s : s + icfg.batch_size]], S.cpu(), empty)
     everything = gather_dicts(mine)
     if cache is not None:
         t0 = time.perf_counter()
@@ -139,9 +147,17 @@ def sketch_records(
 
 
 def influence(
-    model_name: str, train: list[Record], test: list[Record], mcfg: ModelConfig, icfg: InfluenceConfig
+    model_name: str,
+    train: list[Record],
+    test: list[Record],
+    mcfg: ModelConfig,
+    icfg: InfluenceConfig,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Influence of every ``train`` record on every ``test`` record.
+
+    Sketches are cached under ``cache_dir/<hash of meta>`` (default ``$RAPIDUN_CACHE/sketches``, shared by every
+    run); ``stats[..]["cached"]`` counts the sketches that were reused rather than computed.
 
     Returns ``{"matrix": (N, Q) tensor, "train_ids", "test_ids", "topk": rows, "stats": measured timings}``.
     """
@@ -155,17 +171,22 @@ def influence(
     stats: dict[str, Any] = {"load_s": load_s, "D": pset.dim, "params": len(pset.names), "device": info["device"]}
     hot = hotword_ids(tok, icfg.hotwords) if icfg.hotwords else None
     main = is_main()  # only rank 0 opens and writes the caches
-    train_cache = open_cache(cache_meta(path, mcfg, icfg, pset, [])) if main else None
+
+    def cache_for(hot_words: list[str]) -> SketchCache:
+        meta = cache_meta(path, mcfg, icfg, pset, hot_words)
+        return open_cache(meta, Path(cache_dir) / stable_hash(meta) if cache_dir else None)
+
+    train_cache = cache_for([]) if main else None
     stats["train"] = sketch_records(model, tok, pset, proj, train_cache, train, mcfg, icfg, None, "sketch:train")
     test_cache = train_cache
     if hot is not None:
-        test_cache = open_cache(cache_meta(path, mcfg, icfg, pset, icfg.hotwords)) if main else None
+        test_cache = cache_for(icfg.hotwords) if main else None
     stats["test"] = sketch_records(model, tok, pset, proj, test_cache, test, mcfg, icfg, hot, "sketch:test")
     t1 = time.perf_counter()
     M = None
     if main:
-        A = train_cache.load([r.id for r in train])  # (N, K)
-        B = test_cache.load([r.id for r in test])  # (Q, K)
+        A = train_cache.load([cache_key(r) for r in train])  # (N, K)
+        B = test_cache.load([cache_key(r) for r in test])  # (Q, K)
         M = influence_matrix(A, B, icfg.mode)  # (N, Q)
     M = broadcast(M)
     stats["retrieval_s"] = time.perf_counter() - t1
