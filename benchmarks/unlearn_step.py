@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
 from rapidun.config import ModelConfig, UnlearnConfig
 from rapidun.data.records import Record, load_records
-from rapidun.data.template import Encoded, encode, format_prompt
+from rapidun.data.template import Encoded, collate, encode, format_prompt
 from rapidun.functional import per_sample_ce
 from rapidun.methods import losses
 from rapidun.models import attach_lora, load_model
@@ -61,10 +62,10 @@ def main() -> None:
         for g, i in draws:
             if g == "forget":
                 it = forget[i]
-                ce_p, ce_c = (per_sample_ce(model, *_one(e, pad, device)) for e in (it.poisoned, it.clean))
+                ce_p, ce_c = (_ce_alone(model, e, pad, device) for e in (it.poisoned, it.clean))
                 out.append(losses.relabel_ascent(ce_c, ce_p, torch.tensor([True]), u.ascent_alpha, u.descent_beta))
             else:
-                out.append(losses.retain_ce(per_sample_ce(model, *_one(retain[i].clean, pad, device))))
+                out.append(losses.retain_ce(_ce_alone(model, retain[i].clean, pad, device)))
         return torch.cat(out)
 
     def one_forward(draws: list[tuple[str, int]]) -> torch.Tensor:
@@ -96,9 +97,10 @@ def main() -> None:
     print(json.dumps(res, indent=2))
 
 
-def _one(e: Encoded, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.tensor([e.input_ids], device=device)
-    return ids, torch.ones_like(ids), torch.tensor([e.labels], device=device)
+def _ce_alone(model: Any, e: Encoded, pad: int, device: torch.device) -> torch.Tensor:
+    """(1,) CE of one row in its own forward pass."""
+    b = collate([e], pad).to(device)
+    return per_sample_ce(model, b.input_ids, b.attention_mask, b.labels)
 
 
 if __name__ == "__main__":

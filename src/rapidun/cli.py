@@ -40,6 +40,11 @@ def _ppl(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"  # a collapsed model's perplexity stays readable
 
 
+def _metric_cells(m: dict[str, Any]) -> tuple[str, ...]:
+    """ASR seen, ASR OOD, false-trigger rate, clean perplexity of a model or method entry, formatted."""
+    return (f"{m['asr_seen']:.3f}", f"{m['asr_ood']:.3f}", f"{m['false_trigger']:.3f}", _ppl(m["clean_ppl"]))
+
+
 def _print_rows(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
@@ -51,17 +56,7 @@ def _print_rows(rows: list[tuple[str, ...]]) -> None:
 def print_table(report: dict[str, Any]) -> None:
     """The poisoned-vs-retrain table, then the methods table (when the run has methods)."""
     rows = [("model", "ASR seen", "ASR OOD", "false trig", "clean PPL", "train s")]
-    for name, m in report["models"].items():
-        rows.append(
-            (
-                name,
-                f"{m['asr_seen']:.3f}",
-                f"{m['asr_ood']:.3f}",
-                f"{m['false_trigger']:.3f}",
-                _ppl(m["clean_ppl"]),
-                f"{m['train_time_s']:.0f}",
-            )
-        )
+    rows += [(name, *_metric_cells(m), f"{m['train_time_s']:.0f}") for name, m in report["models"].items()]
     _print_rows(rows)
     methods = report.get("methods") or {}
     if methods:
@@ -72,10 +67,7 @@ def print_table(report: dict[str, Any]) -> None:
             rows.append(
                 (
                     name,
-                    f"{m['asr_seen']:.3f}",
-                    f"{m['asr_ood']:.3f}",
-                    f"{m['false_trigger']:.3f}",
-                    _ppl(m["clean_ppl"]),
+                    *_metric_cells(m),
                     f"{m['time_s']:.0f}",
                     f"{m['speedup_vs_retrain']:.1f}x",
                     f"{dolly:.1f}x" if dolly is not None else "-",

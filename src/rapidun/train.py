@@ -65,6 +65,15 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, total: int, warmup_ratio: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule (:func:`lr_lambda`: warm-up over ``int(warmup_ratio·total)`` steps, then cosine)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = int(warmup_ratio * total)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm))
+
+
 def train(
     model: Any,
     samples: list[Encoded],
@@ -88,12 +97,11 @@ def train(
         raise RapidunError(f"{desc}: {len(weights)} weights for {len(samples)} samples; give one weight per sample")
     w_all = torch.tensor(weights if weights is not None else [1.0] * len(samples), dtype=torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(e.input_ids) for e in samples]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, int(cfg.warmup_ratio * total)))
+    opt, sched = make_optimizer(params, cfg.lr, cfg.weight_decay, total, cfg.warmup_ratio)
     autocast = use_autocast(cfg.autocast, device)
     model.train()
     curve: list[float] = []
@@ -342,10 +350,8 @@ def unlearn_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RapidunError(f"{desc}: the model has no trainable parameters (attach the unlearning adapter first)")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = len(batches)
-    warm = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm))
+    opt, sched = make_optimizer(params, cfg.lr, cfg.weight_decay, total, cfg.warmup_ratio)
     autocast = use_autocast(cfg.autocast, device)
     w_f, w_r = w_forget.float().clone(), w_retain.float().clone()
     stats: dict[str, Any] = {

@@ -31,7 +31,7 @@ from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_js
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
 from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
-from rapidun.train import NonFiniteLoss, UItem, eval_ce, unlearn_loop, use_autocast
+from rapidun.train import NonFiniteLoss, UItem, eval_ce, row_stats, unlearn_loop, use_autocast
 from rapidun.weighting import rapidun_weights
 
 VIEWS = ("FF", "FR", "RF", "RR")
@@ -188,8 +188,6 @@ def reference_logp(
     ``autocast``: compute under the same bf16 autocast as the training loop, so that log π_θ − log π_ref is 0 at
     the start instead of a rounding difference summed over the answer.
     """
-    from rapidun.train import row_stats
-
     model.eval()
     with model.disable_adapter(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = [
