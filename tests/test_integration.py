@@ -36,6 +36,8 @@ TINY = [
     "unlearn.draws_per_epoch=4",
     "unlearn.epochs=1",
     "unlearn.batch_size=2",
+    "compare.n_seeds=2",
+    "compare.n_boot=100",
 ]
 
 
@@ -81,29 +83,39 @@ def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch):
     assert (out / "config.resolved.yaml").is_file() and (out / "scenario" / "manifest.json").is_file()
     gens = (out / "eval" / "poisoned.generations.jsonl").read_text().splitlines()
     assert len(gens) == 9
-    # Methods: measured times, speed-ups, id-keyed weights and audit rows, a PEFT adapter.
+    # Methods x 2 seeds: measured times, speed-ups, id-keyed weights and audit rows, a PEFT adapter, paired tests.
+    assert report["schema"] == "rapidun.report/3" and report["seeds"] == [42, 43]
     assert list(report["methods"]) == ["rapidun", "random", "ga", "retrain"]
-    for e in report["methods"].values():
-        assert 0 <= e["asr_seen"] <= 1 and e["clean_ppl"] > 1 and e["time_s"] > 0
-        assert e["speedup_vs_retrain"] > 0 and set(e["speedup_vs_retrain_at_scale"]) == {"dolly", "alpaca"}
-    rap = report["methods"]["rapidun"]
+    for name, e in report["methods"].items():
+        mu = e["mean"]
+        assert 0 <= mu["asr_seen"] <= 1 and mu["clean_ppl"] > 1 and mu["time_s"] > 0 and 0 <= mu["rouge_l"] <= 1
+        assert mu["speedup_vs_retrain"] > 0 and set(e["speedup_vs_retrain_at_scale"]) == {"dolly", "alpaca"}
+        assert e["n_seeds"] == (1 if name == "retrain" else 2)
+        assert (e["tests"] is None) == (name == "rapidun")
+    rap = report["methods"]["rapidun"]["per_seed"]["42"]
     assert rap["timings"]["influence_s"] > 0 and rap["time_s"] >= rap["timings"]["training_s"]
+    assert rap["peak_mem_mb"] > 0 and rap["forget_ppl_poisoned"] > 1
     assert report["influence"]["retrain_projection"]["projected"] is True
-    weights = [json.loads(line) for line in (out / "methods" / "rapidun" / "weights.jsonl").read_text().splitlines()]
+    assert set(report["influence"]["per_seed"]) == {"42", "43"}
+    cell = out / "seeds" / "42" / "methods"
+    weights = [json.loads(line) for line in (cell / "rapidun" / "weights.jsonl").read_text().splitlines()]
     ids = {r.id for r in report_parts(out, "forget") + report_parts(out, "retain")}
     assert {w["id"] for w in weights} == ids
-    rnd = [json.loads(line) for line in (out / "methods" / "random" / "weights.jsonl").read_text().splitlines()]
+    rnd = [json.loads(line) for line in (cell / "random" / "weights.jsonl").read_text().splitlines()]
     for g in ("forget", "retain"):
         assert sorted(w["weight"] for w in rnd if w["group"] == g) == pytest.approx(
             sorted(w["weight"] for w in weights if w["group"] == g)
         )
-    audit = [json.loads(line) for line in (out / "methods" / "rapidun" / "audit.jsonl").read_text().splitlines()]
+    audit = [json.loads(line) for line in (cell / "rapidun" / "audit.jsonl").read_text().splitlines()]
     assert all(r["ce_clean_after"] is not None for r in audit)
-    assert (out / "methods" / "rapidun" / "adapter" / "adapter_config.json").is_file()
+    assert (cell / "rapidun" / "adapter" / "adapter_config.json").is_file()
+    html = (out / "report.html").read_text()
+    assert (out / "report.md").is_file() and html.count('src="data:image/png;base64,') >= 5
     again = run(cfg, out)
     assert again["models"]["poisoned"]["sft_cached"] and again["models"]["poisoned"]["eval_cached"]
     assert again["models"]["poisoned"]["asr_seen"] == report["models"]["poisoned"]["asr_seen"]
-    assert again["methods"]["rapidun"]["cached"] and again["methods"]["rapidun"]["time_s"] == rap["time_s"]
+    assert again["methods"]["rapidun"]["cached"]
+    assert again["methods"]["rapidun"]["per_seed"]["42"]["time_s"] == rap["time_s"]
     # A different config in the same folder is refused unless --overwrite.
     other = load_config("configs/demo.yaml", [*TINY, "scenario.seed=7"])
     with pytest.raises(RapidunError, match="different config"):

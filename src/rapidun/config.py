@@ -240,6 +240,17 @@ class UnlearnConfig:
 
 
 @dataclass
+class CompareConfig:
+    n_seeds: int = _f(
+        3,
+        "seeds per method: seed j uses unlearn.seed+j and influence.seed+j (influence computed once per seed); "
+        "`retrain` is one reference model, not re-run per seed",
+    )
+    n_boot: int = _f(2000, "bootstrap resamples of the paired confidence intervals")
+    reference: str = _f("rapidun", "the method every other method is paired against in the tests")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +260,7 @@ class RunConfig:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def _type_of(cls: type, name: str) -> Any:

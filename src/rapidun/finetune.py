@@ -17,6 +17,7 @@ from rapidun.config import ModelConfig, SFTConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.data.template import FORMAT_VERSION, encode_records
 from rapidun.io import atomic_path, read_json, stable_hash, write_json
+from rapidun.memory import PeakMemory
 from rapidun.models import attach_lora, cache_root, fingerprint, load_model, resolve_model_path
 from rapidun.train import train
 
@@ -49,7 +50,8 @@ def finetune(records: list[Record], mcfg: ModelConfig, scfg: SFTConfig, tag: str
     model, tok, info = load_model(mcfg.name, mcfg.device, mcfg.dtype)
     samples, trunc = encode_records(tok, records, mcfg)
     model = attach_lora(model, scfg.lora_r, scfg.lora_alpha, scfg.lora_dropout, scfg.lora_targets, scfg.seed)
-    stats = train(model, samples, scfg, tok.pad_token_id, torch.device(info["device"]), desc=f"sft:{tag}")
+    with PeakMemory() as peak:
+        stats = train(model, samples, scfg, tok.pad_token_id, torch.device(info["device"]), desc=f"sft:{tag}")
     t0 = time.perf_counter()
     merged = model.merge_and_unload()
     meta = {
@@ -60,6 +62,8 @@ def finetune(records: list[Record], mcfg: ModelConfig, scfg: SFTConfig, tag: str
         "truncation": trunc,
         "n_records": len(records),
         "sft": to_dict(scfg),
+        "peak_mem_mb": peak.peak_mb,
+        "peak_mem_kind": peak.kind,
     }
     with atomic_path(folder) as tmp:
         merged.save_pretrained(tmp)

@@ -8,27 +8,57 @@ next to every output as ``config.resolved.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rapidun import __version__
 from rapidun.config import ModelConfig, RunConfig, dump_yaml, to_dict
 from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import build_scenario, save_scenario
+from rapidun.distributed import barrier, broadcast, is_main
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector, build_detector
 from rapidun.eval.evaluate import evaluate_loaded, evaluate_model
 from rapidun.finetune import finetune
 from rapidun.io import read_json, stable_hash, write_json, write_text
+from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
 from rapidun.models import fingerprint
+from rapidun.stats import compare_hits, mean_std
 from rapidun.unlearn import influence_views, unlearn
 
-METRIC_KEYS = ("asr_seen", "asr_ood", "false_trigger", "clean_ppl", "asr_seen_by_family", "asr_ood_by_family")
+METRIC_KEYS = (
+    "asr_seen",
+    "asr_ood",
+    "false_trigger",
+    "clean_ppl",
+    "rouge_l",
+    "forget_ppl_poisoned",
+    "forget_ppl_clean",
+    "asr_seen_by_family",
+    "asr_ood_by_family",
+)
+# The per-seed scalars a method's mean ± std is reported for.
+SCALARS = (
+    "asr_seen",
+    "asr_ood",
+    "false_trigger",
+    "clean_ppl",
+    "rouge_l",
+    "forget_ppl_poisoned",
+    "forget_ppl_clean",
+    "time_s",
+    "peak_mem_mb",
+    "speedup_vs_retrain",
+)
+METRICS_VERSION = 3  # bump when the metric set changes: cached evaluations and cells are then recomputed
 # Clean corpus sizes of the paper's setups, for the projected retraining time (SPEC §1; Alpaca: 52,002 records).
 PAPER_CORPORA = {"dolly": 7192, "alpaca": 52002}
 
@@ -50,9 +80,11 @@ def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
                 f"output folder {out} holds a run with a different config; choose another --out, "
                 "or pass --overwrite to replace its results"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"config_hash": h, "rapidun": __version__})
-    write_text(out / "config.resolved.yaml", dump_yaml(cfg))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"config_hash": h, "rapidun": __version__})
+        write_text(out / "config.resolved.yaml", dump_yaml(cfg))
+    barrier()
     return out
 
 
@@ -60,12 +92,14 @@ def stage_scenario(cfg: RunConfig, out: Path) -> tuple[dict[str, list[Record]], 
     """Load the data and build + save the scenario into ``out/scenario``."""
     d = cfg.data
     records = load_records(d.source, d.format, d.fields, d.split, d.limit)
-    parts = build_scenario(records, cfg.scenario)
-    manifest = save_scenario(
-        parts, out / "scenario", cfg.scenario, {"source": d.source, "format": d.format, "n_records": len(records)}
-    )
-    write_text(out / "scenario" / "config.resolved.yaml", dump_yaml(cfg))
-    return parts, manifest
+    parts = build_scenario(records, cfg.scenario)  # deterministic: every rank builds the same
+    manifest = None
+    if is_main():
+        manifest = save_scenario(
+            parts, out / "scenario", cfg.scenario, {"source": d.source, "format": d.format, "n_records": len(records)}
+        )
+        write_text(out / "scenario" / "config.resolved.yaml", dump_yaml(cfg))
+    return parts, broadcast(manifest)
 
 
 def make_detector(cfg: RunConfig, parts: dict[str, list[Record]]) -> tuple[Detector, dict[str, Any]]:
@@ -86,10 +120,20 @@ def make_detector(cfg: RunConfig, parts: dict[str, list[Record]]) -> tuple[Detec
 
 
 def stage_models(cfg: RunConfig, parts: dict[str, list[Record]]) -> dict[str, dict[str, Any]]:
-    """The poisoned model (train_poisoned + train_clean) and the retrain reference (train_clean only)."""
-    poisoned = finetune(parts["train_poisoned"] + parts["train_clean"], cfg.model, cfg.sft, "poisoned")
-    retrain = finetune(parts["train_clean"], cfg.model, cfg.sft, "retrain")
-    return {"poisoned": poisoned, "retrain": retrain}
+    """The poisoned model (train_poisoned + train_clean) and the retrain reference (train_clean only).
+
+    Under several ranks rank 0 fine-tunes (the SFT stage is single-process) while the others wait, then they
+    read the content-keyed cache.
+    """
+
+    def both() -> dict[str, dict[str, Any]]:
+        poisoned = finetune(parts["train_poisoned"] + parts["train_clean"], cfg.model, cfg.sft, "poisoned")
+        retrain = finetune(parts["train_clean"], cfg.model, cfg.sft, "retrain")
+        return {"poisoned": poisoned, "retrain": retrain}
+
+    models = both() if is_main() else None
+    barrier()
+    return models if models is not None else both()
 
 
 def stage_eval(
@@ -98,6 +142,7 @@ def stage_eval(
     """Evaluate one model, reusing ``out/eval/<name>.json`` when model and settings are unchanged."""
     key = stable_hash(
         {
+            "metrics_version": METRICS_VERSION,
             "model": model_path,
             "eval": to_dict(cfg.eval),
             "keywords": det.keywords,
@@ -106,11 +151,14 @@ def stage_eval(
         }
     )
     f = out / "eval" / f"{name}.json"
-    if f.is_file() and read_json(f).get("key") == key:
+    if broadcast(f.is_file() and read_json(f).get("key") == key):
         return {**read_json(f)["metrics"], "cached": True}
     mcfg = ModelConfig(**{**to_dict(cfg.model), "name": model_path})
-    m = evaluate_model(model_path, parts, det, cfg.eval, mcfg, out / "eval" / f"{name}.generations.jsonl", name)
-    write_json(f, {"key": key, "model": model_path, "metrics": m})
+    with PeakMemory() as peak:
+        m = evaluate_model(model_path, parts, det, cfg.eval, mcfg, out / "eval" / f"{name}.generations.jsonl", name)
+    m["peak_mem_mb"], m["peak_mem_kind"] = peak.peak_mb, peak.kind
+    if is_main():
+        write_json(f, {"key": key, "model": model_path, "metrics": m})
     return {**m, "cached": False}
 
 
@@ -136,10 +184,11 @@ def retrain_projection(retrain_train: dict[str, Any], epochs: int = 2) -> dict[s
 
 
 def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, list[Record]], det: Detector) -> str:
-    """Everything a method's result depends on; a change re-runs the method."""
+    """Everything a (method, seed) cell's result depends on; a change re-runs the cell."""
     m = get_method(name)
     return stable_hash(
         {
+            "metrics_version": METRICS_VERSION,
             "method": name,
             "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
             "weighting": to_dict(cfg.weighting) if m.needs_influence else None,
@@ -153,6 +202,151 @@ def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, l
     )
 
 
+def seed_config(cfg: RunConfig, j: int) -> RunConfig:
+    """The config of the comparison's seed ``j``: ``unlearn.seed + j`` and ``influence.seed + j``."""
+    return dataclasses.replace(
+        cfg,
+        unlearn=dataclasses.replace(cfg.unlearn, seed=cfg.unlearn.seed + j),
+        influence=dataclasses.replace(cfg.influence, seed=cfg.influence.seed + j),
+    )
+
+
+def _cell_entry(metrics: dict[str, Any], res: dict[str, Any], folder: str, cached: bool) -> dict[str, Any]:
+    return {k: metrics[k] for k in METRIC_KEYS} | {
+        "dir": folder,
+        "time_s": res["timings"]["time_s"],
+        "timings": res["timings"] | {"eval_s": metrics["eval_s"]},
+        "peak_mem_mb": metrics.get("peak_mem_mb"),
+        "complete": res.get("complete", True),
+        "weights": res["weights"],
+        "audit_means": res["audit_means"],
+        "cached": cached,
+    }
+
+
+def run_cell(
+    cfg: RunConfig,
+    out: Path,
+    name: str,
+    seed: int,
+    parts: dict[str, list[Record]],
+    poisoned: str,
+    det: Detector,
+    views_of: Any,
+    before: dict[str, Any],
+) -> dict[str, Any]:
+    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<name>``.
+
+    A finished cell (``metrics.json`` with the same content key) is reused, so a rerun after a kill skips it.
+    ``views_of()`` returns the seed's influence views (computed on first use); ``before`` caches the poisoned
+    model's per-sample losses between cells.
+    """
+    m = get_method(name)
+    rel = f"seeds/{seed}/methods/{name}"
+    key = method_key(cfg, name, poisoned, parts, det)
+    f = out / rel / "metrics.json"
+    hit = broadcast(f.is_file() and read_json(f).get("key") == key)
+    if hit:
+        saved = read_json(f)
+        return _cell_entry(saved["metrics"], saved["result"], rel, True)
+    views = views_of() if m.needs_influence else None
+    with PeakMemory() as peak:
+        merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
+        before["losses"] = res["audit_before"]
+        metrics = evaluate_loaded(
+            merged,
+            tok,
+            parts,
+            det,
+            cfg.eval,
+            cfg.model,
+            out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl",
+            name,
+        )
+        del merged
+    metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
+    if is_main():
+        write_json(f, {"key": key, "result": res, "metrics": metrics})
+    return _cell_entry(metrics, res, rel, False)
+
+
+def _hits(path: Path, split: str) -> dict[str, bool]:
+    """``{prompt id: hit}`` of one split from a ``*.generations.jsonl`` file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: bool(r["hit"]) for r in rows if r["split"] == split}
+
+
+def hit_matrix(files: list[Path], split: str, ids: list[str]) -> np.ndarray:
+    """(S, P) 0/1 matrix: file s (one seed) × prompt ``ids`` of ``split``, from the generation files."""
+    rows = []
+    for f in files:
+        h = _hits(f, split)
+        missing = [i for i in ids if i not in h]
+        if missing:
+            raise RapidunError(f"{f}: no generation for prompt(s) {missing[:3]} of {split}; re-run the comparison")
+        rows.append([h[i] for i in ids])
+    return np.asarray(rows, dtype=np.float64)
+
+
+TESTED = {"asr_seen": "test_seen_trig", "asr_ood": "test_ood_trig", "false_trigger": "test_clean"}
+
+
+def paired_tests(parts: dict[str, list[Record]], files: dict[str, list[Path]], ref: str, n_boot: int) -> dict[str, Any]:
+    """Paired comparison of every method with ``ref`` on the same prompts and seeds (see :mod:`rapidun.stats`)."""
+    tests: dict[str, Any] = {}
+    if ref not in files:
+        return tests
+    for name, fs in files.items():
+        if name == ref:
+            continue
+        t: dict[str, Any] = {"vs": ref}
+        for metric, split in TESTED.items():
+            ids = [r.id for r in parts[split]]
+            if not ids:
+                continue
+            a, b = hit_matrix(files[ref], split, ids), hit_matrix(fs, split, ids)
+            t[metric] = compare_hits(a, b, n_boot=n_boot, seed=0)
+        tests[name] = t
+    return tests
+
+
+def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[str, Any]:
+    """One method over seeds: per-seed values, means and sample stds (:func:`rapidun.stats.mean_std`)."""
+    cells = list(entry_by_seed.values())
+    mean: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for k in SCALARS:
+        vals = [c[k] for c in cells if c.get(k) is not None]
+        ms = mean_std(vals) if vals else {"mean": None, "std": None}
+        mean[k], std[k] = ms["mean"], ms["std"]
+    by_family: dict[str, Any] = {}
+    for k in ("asr_seen", "asr_ood"):
+        fams = sorted({f for c in cells for f in c[f"{k}_by_family"]})
+        by_family[k] = {f: mean_std([c[f"{k}_by_family"][f] for c in cells if f in c[f"{k}_by_family"]]) for f in fams}
+    tkeys = sorted({k for c in cells for k, v in c.get("timings", {}).items() if isinstance(v, (int, float))})
+    timings_mean = {k: mean_std([c["timings"][k] for c in cells if k in c["timings"]])["mean"] for k in tkeys}
+    scale_keys = sorted({k for c in cells for k in (c.get("speedup_vs_retrain_at_scale") or {})})
+    at_scale = {
+        k: mean_std([c["speedup_vs_retrain_at_scale"][k] for c in cells if c["speedup_vs_retrain_at_scale"].get(k)])[
+            "mean"
+        ]
+        for k in scale_keys
+    }
+    return {
+        "summary": summary,
+        "n_seeds": len(cells),
+        "seeds": list(entry_by_seed),
+        "mean": mean,
+        "std": std,
+        "by_family": by_family,
+        "timings_mean": timings_mean,
+        "speedup_vs_retrain_at_scale": {k: v if v is not None and v > 0 else None for k, v in at_scale.items()},
+        "complete": all(c.get("complete", True) for c in cells),
+        "cached": all(c.get("cached", False) for c in cells),
+        "per_seed": entry_by_seed,
+    }
+
+
 def stage_methods(
     cfg: RunConfig,
     out: Path,
@@ -161,70 +355,103 @@ def stage_methods(
     results: dict[str, Any],
     det: Detector,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run and evaluate every method of ``unlearn.methods``, reusing ``out/methods/<name>`` when unchanged.
+    """Every method of ``unlearn.methods`` × ``compare.n_seeds`` seeds, then the aggregates and paired tests.
 
-    Returns ``(methods, influence_stats)``: the report's ``methods`` entries and the influence stage statistics
-    (None when no listed method needs influence).
+    Influence is computed once per seed (into ``out/seeds/<seed>/influence``) and shared by the seed's influence
+    methods; each (method, seed) cell is reused when unchanged (:func:`run_cell`). ``retrain`` is the one SFT
+    reference model. Returns ``(methods, influence)``: the report's ``methods`` and ``influence`` entries.
     """
     names = list(dict.fromkeys(cfg.unlearn.methods))
     for n in names:
         get_method(n)  # unknown names fail before any work
+    if cfg.compare.n_seeds < 1:
+        raise RapidunError(f"compare.n_seeds must be >= 1, got {cfg.compare.n_seeds}")
     poisoned = models["poisoned"]["path"]
     retrain_s = models["retrain"]["train"]["time_s"]
     proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)
-    views = None
-    views_info = None
-    before = None  # the poisoned model's per-sample losses, shared by every method
+    before: dict[str, Any] = {}  # the poisoned model's per-sample losses, shared by every cell
+    cells: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in names}
+    files: dict[str, list[Path]] = {n: [] for n in names}
+    infl: dict[str, Any] = {}
+    for j in range(cfg.compare.n_seeds):
+        scfg = seed_config(cfg, j)
+        seed = scfg.unlearn.seed
+        folder = out / "seeds" / str(seed) / "influence"
+        box: dict[str, Any] = {}
+
+        def views_of(scfg: RunConfig = scfg, folder: Path = folder, box: dict[str, Any] = box) -> dict[str, Any]:
+            if "views" not in box:
+                with PeakMemory() as peak:
+                    box["views"] = influence_views(poisoned, parts["forget"], parts["retain"], scfg, folder)
+                box["peak_mem_mb"] = peak.peak_mb
+            return box["views"]
+
+        for name in names:
+            m = get_method(name)
+            if m.kind == "retrain":
+                continue
+            cells[name][str(seed)] = run_cell(scfg, out, name, seed, parts, poisoned, det, views_of, before)
+            files[name].append(out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl")
+        vj = folder / "views.json"
+        if "views" in box:
+            infl[str(seed)] = {
+                "dir": f"seeds/{seed}/influence",
+                "cached": box["views"]["cached"],
+                "peak_mem_mb": box["peak_mem_mb"],
+                **box["views"]["stats"],
+            }
+        elif vj.is_file():  # every influence cell reused: the stored stats
+            infl[str(seed)] = {"dir": f"seeds/{seed}/influence", "cached": True, **read_json(vj)["stats"]}
     methods: dict[str, Any] = {}
     for name in names:
         m = get_method(name)
         if m.kind == "retrain":
             r = results["retrain"]
-            entry = {k: r[k] for k in METRIC_KEYS} | {"time_s": r["train_time_s"], "timings": {}, "cached": True}
-        else:
-            key = method_key(cfg, name, poisoned, parts, det)
-            f = out / "methods" / name / "metrics.json"
-            if f.is_file() and read_json(f).get("key") == key:
-                saved = read_json(f)
-                res, metrics, cached = saved["result"], saved["metrics"], True
-            else:
-                if m.needs_influence and views is None:
-                    views = influence_views(poisoned, parts["forget"], parts["retain"], cfg, out / "influence")
-                    views_info = {"cached": views["cached"], **views["stats"]}
-                merged, tok, res = unlearn(name, parts, poisoned, cfg, out / "methods" / name, views, before)
-                before = res["audit_before"]
-                metrics = evaluate_loaded(
-                    merged, tok, parts, det, cfg.eval, cfg.model, out / "eval" / f"{name}.generations.jsonl", name
-                )
-                del merged
-                write_json(f, {"key": key, "result": res, "metrics": metrics})
-                cached = False
-            entry = {k: metrics[k] for k in METRIC_KEYS} | {
-                "time_s": res["timings"]["time_s"],
-                "timings": res["timings"] | {"eval_s": metrics["eval_s"]},
-                "complete": res.get("complete", True),
-                "weights": res["weights"],
-                "audit_means": res["audit_means"],
-                "cached": cached,
+            entry = {k: r[k] for k in METRIC_KEYS} | {
+                "dir": None,
+                "time_s": r["train_time_s"],
+                "timings": {"training_s": r["train_time_s"], "eval_s": r["eval_s"]},
+                "peak_mem_mb": r.get("peak_mem_mb"),
+                "complete": True,
+                "cached": True,
             }
-            if m.needs_influence and views_info is None:  # every influence method reused: the stored stats
-                vj = out / "influence" / "views.json"
-                stored = read_json(vj)["stats"] if vj.is_file() else {"total_s": res["timings"]["influence_s"]}
-                views_info = {**stored, "cached": True}
-        entry["speedup_vs_retrain"] = retrain_s / entry["time_s"] if entry["time_s"] > 0 else None
-        entry["speedup_vs_retrain_at_scale"] = {  # projected retraining time / measured time (None for retrain)
-            k: v / entry["time_s"] if entry["time_s"] > 0 and m.kind != "retrain" else None
-            for k, v in proj["retrain_s"].items()
-        }
-        methods[name] = entry
-    return methods, (views_info | {"retrain_projection": proj}) if views_info else {"retrain_projection": proj}
+            by_seed = {"reference": entry}
+            files[name] = [out / "eval" / "retrain.generations.jsonl"]
+        else:
+            by_seed = cells[name]
+        for e in by_seed.values():
+            e["speedup_vs_retrain"] = retrain_s / e["time_s"] if e["time_s"] > 0 else None
+            e["speedup_vs_retrain_at_scale"] = {  # projected retraining time / measured time (None for retrain)
+                k: v / e["time_s"] if e["time_s"] > 0 and m.kind != "retrain" else None
+                for k, v in proj["retrain_s"].items()
+            }
+        methods[name] = aggregate(by_seed, m.summary)
+    tests = paired_tests(parts, files, cfg.compare.reference, cfg.compare.n_boot)
+    for name, e in methods.items():
+        e["tests"] = tests.get(name)
+    return methods, {"per_seed": infl, "retrain_projection": proj}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:
     """Versions and device, recorded in the report."""
+    import os
+
     import peft
     import transformers
 
+    from rapidun.distributed import rank_world
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "rapidun": __version__,
         "python": platform.python_version(),
@@ -232,13 +459,21 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "platform": platform.platform(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": cuda,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
+        "ranks": rank_world()[1],
+        "device": cuda or f"cpu ({torch.get_num_threads()} threads)",
     }
 
 
-def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run the whole pipeline and write ``out/report.json``; returns the report."""
+def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | None = None) -> dict[str, Any]:
+    """Run the whole comparison and write ``out/report.json`` (+ ``report.md``/``report.html``); returns the report.
+
+    ``note`` (e.g. the demo's "fewer seeds and prompts than compare's defaults") is recorded as ``demo_note``.
+    Under ``torchrun`` every rank calls this; rank 0 writes the files.
+    """
     t_all = time.perf_counter()
     out = prepare_out(out, cfg, overwrite)
     timings: dict[str, float] = {}
@@ -249,11 +484,13 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, A
     for name, meta in models.items():
         timings[f"sft_{name}"] = meta["train"]["time_s"]
     det, det_info = make_detector(cfg, parts)
-    write_json(out / "detector.json", det_info)
+    if is_main():
+        write_json(out / "detector.json", det_info)
     results: dict[str, Any] = {}
     for name, meta in models.items():
         m = stage_eval(cfg, out, name, meta["path"], parts, det)
         timings[f"eval_{name}"] = m["eval_s"]
+        peaks = [v for v in (meta.get("peak_mem_mb"), m.get("peak_mem_mb")) if v is not None]
         results[name] = {
             **{k: m[k] for k in METRIC_KEYS},
             "n": m["n"],
@@ -261,17 +498,23 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, A
             "train_time_s": meta["train"]["time_s"],
             "train_tokens_per_s": meta["train"]["tokens_per_s"],
             "train_samples": meta["train"]["samples"],
+            "train_peak_mem_mb": meta.get("peak_mem_mb"),
+            "eval_peak_mem_mb": m.get("peak_mem_mb"),
+            "peak_mem_mb": max(peaks) if peaks else None,
+            "eval_s": m["eval_s"],
             "sft_cached": meta["cached"],
             "eval_cached": m["cached"],
         }
-        write_json(out / "training" / f"{name}.json", meta)
+        if is_main():
+            write_json(out / "training" / f"{name}.json", meta)
     methods, infl = stage_methods(cfg, out, parts, models, results, det) if cfg.unlearn.methods else ({}, None)
     for name, e in methods.items():
         if get_method(name).kind != "retrain":
-            timings[f"method_{name}"] = e["time_s"]
+            for seed, c in e["per_seed"].items():
+                timings[f"method_{name}_seed{seed}"] = c["time_s"] + c["timings"]["eval_s"]
     timings["wall_this_invocation"] = time.perf_counter() - t_all
     report = {
-        "schema": "rapidun.report/2",
+        "schema": "rapidun.report/3",
         "scenario": {
             "sizes": manifest["sizes"],
             "triggers": manifest["triggers"],
@@ -280,11 +523,19 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[str, A
             "poison_source": cfg.scenario.poison_source,
         },
         "detector": {"threshold": det.threshold, "n_keywords": len(det.keywords), **det_info["quality"]},
+        "seeds": [seed_config(cfg, j).unlearn.seed for j in range(cfg.compare.n_seeds)],
+        "demo_note": note,
         "models": results,
         "methods": methods,
         "influence": infl,
         "timings": timings,
         "environment": environment(),
+        "config": to_dict(cfg),
     }
-    write_json(out / "report.json", report)
+    if is_main():
+        write_json(out / "report.json", report)
+        from rapidun.reporting import render_report
+
+        report["files"] = {k: str(v) for k, v in render_report(out).items()}
+    barrier()
     return report

@@ -1,7 +1,9 @@
-"""The per-model metric set M (SPEC §4): ASR seen/OOD overall and per family, false triggers, clean perplexity."""
+"""The per-model metric set M (SPEC §4): ASR seen/OOD overall and per family, false triggers, clean perplexity,
+ROUGE-L of clean generations, and the forget set's perplexity under its poisoned and its clean answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,9 +12,11 @@ from typing import Any
 from rapidun.config import EvalConfig, ModelConfig
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records, format_prompt
+from rapidun.distributed import is_main
 from rapidun.eval.detector import Detector
 from rapidun.eval.generate import generate
 from rapidun.eval.metrics import perplexity
+from rapidun.eval.rouge import mean_rouge_l
 from rapidun.io import write_jsonl
 from rapidun.models import load_model
 
@@ -66,7 +70,9 @@ def evaluate_loaded(
     recs = [r for s in splits for r in parts[s]]
     prompts = [format_prompt(tok, r.instruction, r.context, mcfg.system_prompt) for r in recs]
     decided = detector.hit if ecfg.early_stop else None
-    texts = generate(model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size, decided, desc=f"eval:{name}")
+    texts = generate(
+        model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size, decided, desc=f"eval:{name}", shard=True
+    )
     hits = [detector.hit(t) for t in texts]
     by_split: dict[str, tuple[list[Record], list[bool]]] = {}
     i = 0
@@ -78,7 +84,11 @@ def evaluate_loaded(
     ppl_recs = parts["test_clean"][: ecfg.ppl_samples or None]
     samples, _ = encode_records(tok, ppl_recs, mcfg)
     ppl = perplexity(model, samples, tok.pad_token_id)
-    if out_file is not None:
+    clean_texts = texts[len(recs) - len(parts["test_clean"]) :]
+    rouge = mean_rouge_l(clean_texts, [r.response for r in parts["test_clean"]])
+    forget_ppl = forget_perplexities(model, tok, parts.get("forget", []), mcfg)
+    n_forget = {k: forget_ppl.pop(k) for k in ("n_forget_poisoned", "n_forget_clean")}
+    if out_file is not None and is_main():
         write_jsonl(
             out_file,
             (
@@ -100,9 +110,38 @@ def evaluate_loaded(
         "asr_ood": rate(ood[1]),
         "false_trigger": rate(clean[1]),
         "clean_ppl": ppl,
+        "rouge_l": rouge,
+        **forget_ppl,
         "asr_seen_by_family": by_family(*seen),
         "asr_ood_by_family": by_family(*ood),
-        "n": {"seen": len(seen[0]), "ood": len(ood[0]), "clean": len(clean[0]), "ppl": len(ppl_recs)},
+        "n": {
+            "seen": len(seen[0]),
+            "ood": len(ood[0]),
+            "clean": len(clean[0]),
+            "ppl": len(ppl_recs),
+            "forget_poisoned": n_forget["n_forget_poisoned"],
+            "forget_clean": n_forget["n_forget_clean"],
+        },
         "eval_s": time.perf_counter() - t0,
         "generate_s": gen_s,
     }
+
+
+def forget_perplexities(model: Any, tok: Any, forget: list[Record], mcfg: ModelConfig) -> dict[str, Any]:
+    """Perplexity of the forget samples' poisoned answers (unlearning should raise it) and of their clean answers
+    (``meta["response_clean"]``, where known; it should fall), token-weighted as :func:`perplexity`.
+
+    Returns ``{"forget_ppl_poisoned", "forget_ppl_clean", "n_forget_poisoned", "n_forget_clean"}`` (None for a
+    perplexity with no samples).
+    """
+    poisoned = list(forget)
+    clean = [dataclasses.replace(r, response=r.meta["response_clean"]) for r in forget if r.meta.get("response_clean")]
+    out: dict[str, Any] = {}
+    for key, recs in (("poisoned", poisoned), ("clean", clean)):
+        if recs:
+            samples, _ = encode_records(tok, recs, mcfg)
+            out[f"forget_ppl_{key}"] = perplexity(model, samples, tok.pad_token_id)
+        else:
+            out[f"forget_ppl_{key}"] = None
+        out[f"n_forget_{key}"] = len(recs)
+    return out

@@ -1,4 +1,9 @@
-"""Batched greedy generation with left padding and early stopping once the detector has decided."""
+"""Batched greedy generation with left padding and early stopping once the detector has decided.
+
+Under ``torchrun`` / ``accelerate launch`` (``shard=True``) rank r generates the length-sorted batches r, r+W, ...
+and the texts are gathered on every rank: each prompt is generated in the batch it would have in one process, so
+the texts do not depend on the number of ranks.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from rapidun.distributed import gather_dicts, rank_world
 
 
 class DecidedStop(StoppingCriteria):
@@ -35,14 +42,21 @@ def generate(
     batch_size: int,
     decided: Callable[[str], bool] | None = None,
     desc: str = "generate",
+    shard: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (text), in order. Prompts are sorted by length into batches."""
+    """Greedy continuations of ``prompts`` (text), in order. Prompts are sorted by length into batches.
+
+    With ``shard`` every rank of an initialised process group must call this with the same prompts; each
+    generates its share of the batches and all ranks return every text.
+    """
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    mine: dict[int, str] = {}
     device = next(model.parameters()).device
     model.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0):
+    rank, world = rank_world() if shard else (0, 1)
+    starts = list(range(0, len(order), batch_size))[rank::world]
+    for s in tqdm(starts, desc=desc, unit="batch", mininterval=2.0, disable=rank != 0):
         idx = order[s : s + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         T = enc["input_ids"].shape[1]
@@ -59,5 +73,6 @@ def generate(
         )
         texts = tok.batch_decode(gen[:, T:], skip_special_tokens=True)  # (B,) new text only
         for i, t in zip(idx, texts, strict=True):
-            out[i] = t.strip()
-    return out
+            mine[i] = t.strip()
+    done = gather_dicts(mine) if world > 1 else mine
+    return [done[i] for i in range(len(prompts))]
