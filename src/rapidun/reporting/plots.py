@@ -1,0 +1,283 @@
+"""The report's plots: each function takes plain data and returns PNG bytes.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot, no global backend switch), and saved
+through the Agg renderer.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+REFERENCE_COLORS = {"poisoned": "#444444", "retrain": "#999999"}
+
+
+def palette(n: int) -> list[str]:
+    """``n`` distinct colours (tab10, then tab20 beyond ten)."""
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [_hex(cmap(i % cmap.N)) for i in range(n)]
+
+
+def _hex(rgba: Sequence[float]) -> str:
+    return "#" + "".join(f"{round(255 * c):02x}" for c in rgba[:3])
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render ``fig`` as PNG bytes (no timestamp or software metadata, so equal input gives equal bytes)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _err(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else 0.0
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model or method in the ASR-vs-utility scatter; ``reference`` marks the single models."""
+
+    label: str
+    x: float
+    y: float
+    xerr: float | None = None
+    yerr: float | None = None
+    color: str = "C0"
+    reference: bool = False
+
+
+def wide_range(values: Sequence[float], ratio: float = 20.0) -> bool:
+    """Whether positive ``values`` span more than ``ratio`` (then a log axis reads better)."""
+    v = [x for x in values if x > 0 and math.isfinite(x)]
+    return len(v) == len(values) and len(v) > 1 and max(v) / min(v) > ratio
+
+
+def asr_vs_utility(
+    points: Sequence[Point], x_label: str = "clean PPL (↓ better utility)", y_label: str = "ASR seen"
+) -> bytes:
+    """Scatter of ASR (y) against clean perplexity (x) with std error bars; references as grey squares.
+
+    Args:
+        points: finite points only.
+        x_label: x-axis label.
+        y_label: y-axis label.
+    """
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    for p in points:
+        if p.reference:
+            ax.scatter([p.x], [p.y], marker="s", s=70, color=p.color, edgecolor="black", zorder=3, label=p.label)
+        else:
+            ax.errorbar(
+                [p.x],
+                [p.y],
+                xerr=[_err(p.xerr)],
+                yerr=[_err(p.yerr)],
+                fmt="o",
+                ms=7,
+                capsize=3,
+                color=p.color,
+                zorder=4,
+                label=p.label,
+            )
+        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if wide_range([p.x for p in points]):
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ys = [p.y + _err(p.yerr) for p in points]
+    ax.set_ylim(-0.03, max(1.0, *ys) + 0.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return to_png(fig)
+
+
+@dataclass(frozen=True)
+class FamilySeries:
+    """One bar series of the per-family plot: ``{family: (mean, std)}`` for seen and OOD triggers."""
+
+    label: str
+    seen: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    ood: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    color: str = "C0"
+
+
+def family_bars(families: Sequence[str], series: Sequence[FamilySeries]) -> bytes:
+    """Grouped bars of ASR per trigger family, seen triggers (left) and OOD triggers (right)."""
+    fig = _figure(max(8.0, 2.2 + 0.5 * len(families) * len(series)), 4.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    x = np.arange(len(families))
+    width = 0.8 / max(1, len(series))
+    for ax, which, title in ((axes[0], "seen", "seen triggers"), (axes[1], "ood", "OOD triggers")):
+        for i, s in enumerate(series):
+            vals = getattr(s, which)
+            means = [vals[f][0] if f in vals else np.nan for f in families]
+            errs = [_err(vals[f][1]) if f in vals else 0.0 for f in families]
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width,
+                means,
+                width,
+                yerr=errs,
+                capsize=2,
+                color=s.color,
+                label=s.label,
+                edgecolor="white",
+                linewidth=0.5,
+            )
+        ax.set_xticks(x, families)
+        ax.set_title(f"ASR by family, {title}")
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("ASR")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(series)), fontsize=8)
+    return to_png(fig)
+
+
+def weight_histogram(groups: dict[str, np.ndarray], colors: dict[str, str] | None = None) -> bytes:
+    """Histogram of per-sample weights on shared bins, one bar colour per group (forget, retain) side by side."""
+    colors = colors or {"forget": "#d62728", "retain": "#1f77b4"}
+    allw = np.concatenate([g for g in groups.values() if g.size]) if groups else np.zeros(0)
+    bins = np.histogram_bin_edges(allw, bins=min(40, max(5, int(math.sqrt(max(1, allw.size))) * 2)))
+    fig = _figure(7.0, 4.0)
+    ax = fig.subplots()
+    names = list(groups)
+    ax.hist(
+        [groups[n] for n in names],
+        bins=bins,
+        color=[colors.get(n, "C0") for n in names],
+        label=[f"{n} (n={groups[n].size})" for n in names],
+        edgecolor="white",
+        linewidth=0.5,
+    )
+    ax.set_xlabel("weight")
+    ax.set_ylabel("samples")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    return to_png(fig)
+
+
+VIEW_TITLES = {
+    "FF": "FF: train forget × test forget",
+    "FR": "FR: train forget × test retain",
+    "RF": "RF: train retain × test forget",
+    "RR": "RR: train retain × test retain",
+}
+
+
+def color_limit(m: np.ndarray, skip_diagonal: bool, q: float = 99.0) -> float:
+    """Symmetric colour limit: the ``q``-th percentile of ``|m|`` over finite entries (off the diagonal if asked).
+
+    The self-influence diagonal of FF/RR is far larger than the rest and would wash every other cell out.
+    """
+    a = np.abs(m)
+    keep = np.isfinite(a)
+    if skip_diagonal and m.shape[0] == m.shape[1] and m.shape[0] > 1:
+        keep &= ~np.eye(m.shape[0], dtype=bool)
+    vals = a[keep]
+    lim = float(np.percentile(vals, q)) if vals.size else 0.0
+    return lim if lim > 0 else 1.0
+
+
+def influence_heatmaps(views: dict[str, np.ndarray], q: float = 99.0) -> bytes:
+    """2×2 heat maps of the influence views on a diverging colour map centred at 0.
+
+    Each panel's scale is symmetric, ``±`` :func:`color_limit` (off-diagonal for FF and RR); larger values saturate
+    (arrows on the colour bar).
+    """
+    fig = _figure(10.0, 8.4)
+    axes = fig.subplots(2, 2)
+    for ax, key in zip(axes.flat, ("FF", "FR", "RF", "RR"), strict=True):
+        m = views[key]
+        lim = color_limit(m, key in ("FF", "RR"), q)
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{VIEW_TITLES[key]} ({m.shape[0]}×{m.shape[1]})", fontsize=10)
+        ax.set_xlabel("test sample")
+        ax.set_ylabel("train sample")
+        fig.colorbar(im, ax=ax, shrink=0.9, extend="both")
+    return to_png(fig)
+
+
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing ``window``-step mean of ``y`` ignoring NaNs (shorter windows at the start)."""
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(y)
+    v = np.where(ok, y, 0.0)
+    k = np.ones(max(1, window))
+    s = np.convolve(v, k)[: y.size]
+    c = np.convolve(ok.astype(np.float64), k)[: y.size]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+
+
+def smoothing_window(n: int) -> int:
+    """The moving-average window used for an ``n``-step curve: about n/20, between 1 and 50."""
+    return max(1, min(50, n // 20))
+
+
+def loss_curves(curves: dict[str, list[tuple[str, np.ndarray]]], colors: dict[str, str]) -> bytes:
+    """One panel per method: the raw per-step loss of each seed (thin) and its moving average (thick)."""
+    n = len(curves)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(4.2 * ncols + 0.5, 3.2 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).flat
+    axes = list(axes)
+    for ax, (name, runs) in zip(axes, curves.items(), strict=False):
+        color = colors.get(name, "C0")
+        for i, (seed, y) in enumerate(runs):
+            steps = np.arange(1, y.size + 1)
+            w = smoothing_window(y.size)
+            ax.plot(steps, y, color=color, alpha=0.25, lw=0.6)
+            ax.plot(
+                steps,
+                moving_average(y, w),
+                color=color,
+                alpha=1.0 - 0.25 * min(i, 3),
+                lw=1.6,
+                label=f"seed {seed} (MA {w})",
+            )
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return to_png(fig)
+
+
+def timing_bars(bars: Sequence[tuple[str, dict[str, float]]], components: Sequence[str]) -> bytes:
+    """Stacked bars of seconds per component, one bar per method (or model)."""
+    fig = _figure(max(7.5, 3.0 + 1.0 * len(bars)), 4.4)
+    ax = fig.subplots()
+    cols = palette(len(components))
+    x = np.arange(len(bars))
+    bottom = np.zeros(len(bars))
+    for comp, col in zip(components, cols, strict=True):
+        vals = np.array([b[1].get(comp, 0.0) for b in bars])
+        if not np.any(vals):
+            continue
+        ax.bar(x, vals, 0.6, bottom=bottom, color=col, label=comp, edgecolor="white", linewidth=0.5)
+        bottom += vals
+    for xi, total in zip(x, bottom, strict=True):
+        ax.annotate(f"{total:.1f} s", (xi, total), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_xticks(x, [b[0] for b in bars], rotation=20 if len(bars) > 5 else 0)
+    ax.set_ylabel("seconds")
+    ax.set_ylim(0, max(1e-9, float(bottom.max(initial=0.0))) * 1.12)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    return to_png(fig)
