@@ -66,3 +66,12 @@ def test_methods_table_shows_mean_std_speedups_tests_and_the_projection(capsys):
     paired = next(line for line in lines if line.startswith("ga ") and "[" in line)
     assert "-0.050 [-0.100, +0.000]" in paired and "0.25" in paired
     assert "paired bootstrap" in out and "exact McNemar" in out and "demo: 2 seed(s)" in out
+
+
+def test_demo_note_states_what_the_demo_trims():
+    from rapidun.cli import _demo_config, demo_note
+    from rapidun.config import load_config
+
+    note = demo_note(load_config(_demo_config(), []))
+    assert note.startswith("demo: 1 seed(s) (compare's default 3)")
+    assert "40/40/40 seen/OOD/clean prompts (default 60/60/60)" in note and "rapidun, uniform" in note

@@ -58,7 +58,7 @@ def test_default_model_loads_with_chat_template_and_pad():
     assert ids and ids[0] != tok.bos_token_id  # the 5.x conversion prepends no BOS
 
 
-def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch):
+def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch, capsys):
     """A private cache (so the first run really trains), sharing only the converted default model."""
     from rapidun.models import default_model_dir
 
@@ -111,7 +111,11 @@ def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch):
     assert (cell / "rapidun" / "adapter" / "adapter_config.json").is_file()
     html = (out / "report.html").read_text()
     assert (out / "report.md").is_file() and html.count('src="data:image/png;base64,') >= 5
-    again = run(cfg, out)
+    # The rerun goes through the CLI (`rapidun compare`): every stage and cell is reused, the tables print.
+    assert cli.main(["compare", "--config", "configs/demo.yaml", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "paired vs rapidun" in printed and "report.html:" in printed
+    again = json.loads((out / "report.json").read_text())
     assert again["models"]["poisoned"]["sft_cached"] and again["models"]["poisoned"]["eval_cached"]
     assert again["models"]["poisoned"]["asr_seen"] == report["models"]["poisoned"]["asr_seen"]
     assert again["methods"]["rapidun"]["cached"]

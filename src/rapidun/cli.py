@@ -155,8 +155,8 @@ def demo_note(cfg: Any) -> str:
     default = ScenarioConfig().splits
     return (
         f"demo: {cfg.compare.n_seeds} seed(s) (compare's default {CompareConfig().n_seeds}), "
-        f"{sizes['test_seen_trig']}/{sizes['test_ood_trig']}/{sizes['test_clean']} seen/OOD/clean prompts "
-        f"(default {default['test_seen_trig']}/{default['test_ood_trig']}/{default['test_clean']}), "
+        f"{sizes.test_seen_trig}/{sizes.test_ood_trig}/{sizes.test_clean} seen/OOD/clean prompts "
+        f"(default {default.test_seen_trig}/{default.test_ood_trig}/{default.test_clean}), "
         f"{cfg.eval.max_new_tokens} new tokens, methods {', '.join(cfg.unlearn.methods)} "
         "(the rest of SPEC §3 by config: unlearn.methods)"
     )

@@ -7,6 +7,7 @@ batch it would have in one process and results do not depend on the number of ra
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ def init_from_env() -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # Long timeout: in `rapidun compare` the other ranks wait at a barrier while rank 0 fine-tunes.
+        dist.init_process_group(backend, timeout=timedelta(hours=float(os.environ.get("RAPIDUN_DIST_TIMEOUT_H", "6"))))
     return True
 
 
