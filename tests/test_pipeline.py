@@ -54,3 +54,37 @@ def test_unknown_method_in_config_is_an_error_naming_the_valid_ones():
     with pytest.raises(RapidunError, match=r"unknown unlearning method 'bogus'.*uniform"):
         for n in cfg.unlearn.methods:
             get_method(n)
+
+
+def test_more_seeds_extend_the_same_run(tmp_path):
+    out = prepare_out(tmp_path / "run", load_config(None, ["compare.n_seeds=1"]), overwrite=False)
+    prepare_out(out, load_config(None, ["compare.n_seeds=3", "compare.n_boot=50"]), overwrite=False)  # no error
+
+
+def test_claim_out_raises_the_same_error_in_one_process(tmp_path):
+    from rapidun.pipeline import claim_out
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("user data")
+    with pytest.raises(RapidunError, match="holds no rapidun run"):
+        claim_out(tmp_path / "x", load_config(None, []), overwrite=False)
+    assert (tmp_path / "x" / "mine.txt").read_text() == "user data"
+
+
+def test_report_json_is_strict_json():
+    import json
+    import math
+
+    from rapidun.pipeline import finite_json
+
+    r = finite_json({"a": math.inf, "b": [1.0, -math.inf, math.nan, {"c": 2}], "d": "x", "e": None, "f": 3})
+    assert r == {"a": None, "b": [1.0, None, None, {"c": 2}], "d": "x", "e": None, "f": 3}
+    json.dumps(r, allow_nan=False)
+
+
+def test_compare_reference_must_be_a_listed_method(tmp_path):
+    from rapidun.pipeline import stage_methods
+
+    cfg = load_config(None, ["unlearn.methods=[uniform,ga]"])
+    with pytest.raises(RapidunError, match=r"compare.reference='rapidun' is not in unlearn.methods"):
+        stage_methods(cfg, tmp_path, {}, {}, {}, None)

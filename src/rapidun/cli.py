@@ -134,8 +134,12 @@ def print_table(report: dict[str, Any]) -> None:
                         cells += ["-", "-"]
                 rows.append((n, *cells))
             _print_rows(rows)
-            t0 = next(iter(tested.values()))["asr_seen"]
-            print(f"diff = method − {ref}; {t0['bootstrap']['test']}; {t0['mcnemar']['test']}, pairs pooled over seeds")
+            t0 = next((t[k] for t in tested.values() for k in ("asr_seen", "asr_ood", "false_trigger") if k in t), None)
+            if t0 is not None:
+                print(
+                    f"diff = method − {ref}; {t0['bootstrap']['test']}; {t0['mcnemar']['test']}, pairs pooled over "
+                    "seeds"
+                )
     fam = report["models"]["poisoned"]["asr_seen_by_family"]
     print("poisoned ASR by family (seen):", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
     fam = report["models"]["poisoned"]["asr_ood_by_family"]

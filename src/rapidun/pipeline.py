@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -64,10 +65,14 @@ PAPER_CORPORA = {"dolly": 7192, "alpaca": 52002}
 
 
 def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
-    """Create/claim the run folder. A folder holding a different run is refused unless ``overwrite``."""
+    """Create/claim the run folder. A folder holding a different run is refused unless ``overwrite``.
+
+    The ``compare`` section is not part of the run's identity: a rerun with more seeds extends the same run
+    (finished cells are reused). Single-process (call it on rank 0; :func:`run` broadcasts its outcome).
+    """
     out = Path(out)
     marker = out / "run.json"
-    h = stable_hash(to_dict(cfg))
+    h = stable_hash({k: v for k, v in to_dict(cfg).items() if k != "compare"})
     if out.exists() and any(out.iterdir()):
         if not marker.is_file():
             if not overwrite:
@@ -80,12 +85,24 @@ def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
                 f"output folder {out} holds a run with a different config; choose another --out, "
                 "or pass --overwrite to replace its results"
             )
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"config_hash": h, "rapidun": __version__})
-        write_text(out / "config.resolved.yaml", dump_yaml(cfg))
-    barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"config_hash": h, "rapidun": __version__})
+    write_text(out / "config.resolved.yaml", dump_yaml(cfg))
     return out
+
+
+def claim_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
+    """:func:`prepare_out` on rank 0; its error, if any, is raised on every rank."""
+    err = None
+    if is_main():
+        try:
+            prepare_out(out, cfg, overwrite)
+        except RapidunError as e:
+            err = str(e)
+    err = broadcast(err)
+    if err is not None:
+        raise RapidunError(err)
+    return Path(out)
 
 
 def stage_scenario(cfg: RunConfig, out: Path) -> tuple[dict[str, list[Record]], dict[str, Any]]:
@@ -245,7 +262,8 @@ def run_cell(
     rel = f"seeds/{seed}/methods/{name}"
     key = method_key(cfg, name, poisoned, parts, det)
     f = out / rel / "metrics.json"
-    hit = broadcast(f.is_file() and read_json(f).get("key") == key)
+    gen = out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl"
+    hit = broadcast(f.is_file() and gen.is_file() and read_json(f).get("key") == key)
     if hit:
         saved = read_json(f)
         return _cell_entry(saved["metrics"], saved["result"], rel, True)
@@ -253,16 +271,7 @@ def run_cell(
     with PeakMemory() as peak:
         merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
         before["losses"] = res["audit_before"]
-        metrics = evaluate_loaded(
-            merged,
-            tok,
-            parts,
-            det,
-            cfg.eval,
-            cfg.model,
-            out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl",
-            name,
-        )
+        metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, name)
         del merged
     metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
     if is_main():
@@ -323,7 +332,9 @@ def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[st
     for k in ("asr_seen", "asr_ood"):
         fams = sorted({f for c in cells for f in c[f"{k}_by_family"]})
         by_family[k] = {f: mean_std([c[f"{k}_by_family"][f] for c in cells if f in c[f"{k}_by_family"]]) for f in fams}
-    tkeys = sorted({k for c in cells for k, v in c.get("timings", {}).items() if isinstance(v, (int, float))})
+    tkeys = sorted(
+        {k for c in cells for k, v in c.get("timings", {}).items() if k.endswith("_s") and isinstance(v, (int, float))}
+    )
     timings_mean = {k: mean_std([c["timings"][k] for c in cells if k in c["timings"]])["mean"] for k in tkeys}
     scale_keys = sorted({k for c in cells for k in (c.get("speedup_vs_retrain_at_scale") or {})})
     at_scale = {
@@ -364,8 +375,14 @@ def stage_methods(
     names = list(dict.fromkeys(cfg.unlearn.methods))
     for n in names:
         get_method(n)  # unknown names fail before any work
-    if cfg.compare.n_seeds < 1:
-        raise RapidunError(f"compare.n_seeds must be >= 1, got {cfg.compare.n_seeds}")
+    c = cfg.compare
+    if c.n_seeds < 1 or c.n_boot < 1:
+        raise RapidunError(f"compare.n_seeds and compare.n_boot must be >= 1, got {c.n_seeds} and {c.n_boot}")
+    if c.reference not in names:
+        raise RapidunError(
+            f"compare.reference={c.reference!r} is not in unlearn.methods {names}: add it, or set compare.reference "
+            "to one of them (every other method is paired against it)"
+        )
     poisoned = models["poisoned"]["path"]
     retrain_s = models["retrain"]["train"]["time_s"]
     proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)
@@ -384,6 +401,8 @@ def stage_methods(
                 with PeakMemory() as peak:
                     box["views"] = influence_views(poisoned, parts["forget"], parts["retain"], scfg, folder)
                 box["peak_mem_mb"] = peak.peak_mb
+                if is_main():
+                    write_json(folder / "peak_mem.json", {"peak_mem_mb": peak.peak_mb, "kind": peak.kind})
             return box["views"]
 
         for name in names:
@@ -401,7 +420,14 @@ def stage_methods(
                 **box["views"]["stats"],
             }
         elif vj.is_file():  # every influence cell reused: the stored stats
-            infl[str(seed)] = {"dir": f"seeds/{seed}/influence", "cached": True, **read_json(vj)["stats"]}
+            pm = folder / "peak_mem.json"
+            peak_mb = read_json(pm)["peak_mem_mb"] if pm.is_file() else None
+            infl[str(seed)] = {
+                "dir": f"seeds/{seed}/influence",
+                "cached": True,
+                "peak_mem_mb": peak_mb,
+                **read_json(vj)["stats"],
+            }
     methods: dict[str, Any] = {}
     for name in names:
         m = get_method(name)
@@ -426,10 +452,22 @@ def stage_methods(
                 for k, v in proj["retrain_s"].items()
             }
         methods[name] = aggregate(by_seed, m.summary)
+    barrier()  # rank 0 has written every generation file
     tests = paired_tests(parts, files, cfg.compare.reference, cfg.compare.n_boot)
     for name, e in methods.items():
         e["tests"] = tests.get(name)
     return methods, {"per_seed": infl, "retrain_projection": proj}
+
+
+def finite_json(x: Any) -> Any:
+    """``x`` with every non-finite float (a diverged perplexity) replaced by None, so report.json is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
 
 
 def _cpu_name() -> str:
@@ -475,7 +513,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
     Under ``torchrun`` every rank calls this; rank 0 writes the files.
     """
     t_all = time.perf_counter()
-    out = prepare_out(out, cfg, overwrite)
+    out = claim_out(out, cfg, overwrite)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     parts, manifest = stage_scenario(cfg, out)
@@ -533,7 +571,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         "config": to_dict(cfg),
     }
     if is_main():
-        write_json(out / "report.json", report)
+        write_json(out / "report.json", finite_json(report))
         from rapidun.reporting import render_report
 
         report["files"] = {k: str(v) for k, v in render_report(out).items()}
