@@ -80,7 +80,8 @@ def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
                     f"output folder {out} is not empty and holds no rapidun run; choose another "
                     "--out or pass --overwrite"
                 )
-        elif read_json(marker).get("config_hash") != h and not overwrite:
+        elif read_json(marker).get("config_hash") not in (h, stable_hash(to_dict(cfg))) and not overwrite:
+            # (the second: a marker written before compare.* was left out of the run's identity)
             raise RapidunError(
                 f"output folder {out} holds a run with a different config; choose another --out, "
                 "or pass --overwrite to replace its results"
