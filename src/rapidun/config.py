@@ -203,7 +203,8 @@ METHOD_NAMES = (
 class UnlearnConfig:
     methods: list = _f(
         ["rapidun"],
-        "methods `rapidun run` compares, each added to report.json `methods`: " + ", ".join(METHOD_NAMES),
+        "methods `rapidun compare` runs (each x compare.n_seeds), each a report.json `methods` entry: "
+        + ", ".join(METHOD_NAMES),
     )
     lora_r: int = _f(16, "rank of the fresh unlearning LoRA adapter")
     lora_alpha: int = _f(16, "LoRA alpha of the unlearning adapter")
