@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rapidun.cli import print_table
-from rapidun.pipeline import aggregate
+from rapidun.compare import aggregate
 
 
 def _m(asr: float, ppl: float) -> dict:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from rapidun.compare import SCALARS, aggregate, hit_matrix, paired_tests, seed_config, stage_methods
 from rapidun.config import load_config
 from rapidun.data.records import Record
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector
 from rapidun.memory import PeakMemory
-from rapidun.pipeline import SCALARS, aggregate, hit_matrix, paired_tests, seed_config, stage_methods
 from rapidun.stats import compare_hits
 from test_unlearn_e2e import env, make_parts  # noqa: F401  (the tiny poisoned model fixture)
 

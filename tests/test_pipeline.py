@@ -36,7 +36,7 @@ def test_prepare_out_refuses_a_foreign_folder(tmp_path):
 
 
 def test_retrain_projection_is_measured_throughput_times_corpus_tokens():
-    from rapidun.pipeline import PAPER_CORPORA, retrain_projection
+    from rapidun.compare import PAPER_CORPORA, retrain_projection
 
     train = {"tokens": 12_000, "samples": 100, "epochs": 2, "tokens_per_s": 300.0}
     p = retrain_projection(train, epochs=2)
@@ -83,7 +83,7 @@ def test_report_json_is_strict_json():
 
 
 def test_compare_reference_must_be_a_listed_method(tmp_path):
-    from rapidun.pipeline import stage_methods
+    from rapidun.compare import stage_methods
 
     cfg = load_config(None, ["unlearn.methods=[uniform,ga]"])
     with pytest.raises(RapidunError, match=r"compare.reference='rapidun' is not in unlearn.methods"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from rapidun.compare import SCALARS
 from rapidun.reporting import PLOT_NAMES, render_report, report_blocks
 from rapidun.reporting.__main__ import main as cli_main
 from rapidun.reporting.doc import Figure
@@ -45,20 +46,6 @@ def _model(rng: np.random.Generator, asr: float, ppl: float, time_s: float) -> d
         "train_time_s": time_s,
         "peak_mem_mb": 900.0,
     }
-
-
-SCALARS = [
-    "asr_seen",
-    "asr_ood",
-    "false_trigger",
-    "clean_ppl",
-    "rouge_l",
-    "forget_ppl_poisoned",
-    "forget_ppl_clean",
-    "time_s",
-    "peak_mem_mb",
-    "speedup_vs_retrain",
-]
 
 
 def _test(rng: np.random.Generator) -> dict:

@@ -1,5 +1,5 @@
-"""The recipe: scenario → poisoned model + retrain reference → influence → unlearning methods → evaluation →
-report.json.
+"""The recipe: scenario → poisoned model + retrain reference → the comparison (:mod:`rapidun.compare`: influence,
+unlearning methods × seeds, evaluation, paired tests) → report.json, report.md, report.html.
 
 Every stage writes its artefacts into the run folder (or the content-keyed SFT cache) and is reused when its
 inputs are unchanged, so a rerun after a crash or with the same config is cheap. The resolved config is written
@@ -8,60 +8,28 @@ next to every output as ``config.resolved.yaml``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rapidun import __version__
+from rapidun.compare import seed_config, stage_methods
 from rapidun.config import ModelConfig, RunConfig, dump_yaml, to_dict
 from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import build_scenario, save_scenario
-from rapidun.distributed import barrier, broadcast, is_main
+from rapidun.distributed import barrier, broadcast, is_main, rank_world
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector, build_detector
-from rapidun.eval.evaluate import evaluate_loaded, evaluate_model
+from rapidun.eval.evaluate import METRIC_KEYS, METRICS_VERSION, evaluate_model
 from rapidun.finetune import finetune
 from rapidun.io import read_json, stable_hash, write_json, write_text
 from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
-from rapidun.models import fingerprint
-from rapidun.stats import compare_hits, mean_std
-from rapidun.unlearn import influence_views, unlearn
-
-METRIC_KEYS = (
-    "asr_seen",
-    "asr_ood",
-    "false_trigger",
-    "clean_ppl",
-    "rouge_l",
-    "forget_ppl_poisoned",
-    "forget_ppl_clean",
-    "asr_seen_by_family",
-    "asr_ood_by_family",
-)
-# The per-seed scalars a method's mean ± std is reported for.
-SCALARS = (
-    "asr_seen",
-    "asr_ood",
-    "false_trigger",
-    "clean_ppl",
-    "rouge_l",
-    "forget_ppl_poisoned",
-    "forget_ppl_clean",
-    "time_s",
-    "peak_mem_mb",
-    "speedup_vs_retrain",
-)
-METRICS_VERSION = 3  # bump when the metric set changes: cached evaluations and cells are then recomputed
-# Clean corpus sizes of the paper's setups, for the projected retraining time (SPEC §1; Alpaca: 52,002 records).
-PAPER_CORPORA = {"dolly": 7192, "alpaca": 52002}
 
 
 def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
@@ -180,286 +148,6 @@ def stage_eval(
     return {**m, "cached": False}
 
 
-def retrain_projection(retrain_train: dict[str, Any], epochs: int = 2) -> dict[str, Any]:
-    """Projected retraining time on the paper's clean corpora — a projection, not a measurement.
-
-    ``time = N · tokens_per_sample · epochs / tokens_per_s`` with the measured retrain throughput and the mean
-    tokens per sample of the run's own retrain corpus (samples are cut at ``model.max_length``, so longer real
-    samples would make retraining slower than projected: the projection is conservative).
-    """
-    per_sample = retrain_train["tokens"] / max(1, retrain_train["samples"] * retrain_train["epochs"])
-    tps = retrain_train["tokens_per_s"]
-    return {
-        "projected": True,
-        "basis": "measured retrain tokens/s x (corpus samples x mean tokens per sample of this run's retrain "
-        "corpus x epochs)",
-        "retrain_tokens_per_s": tps,
-        "tokens_per_sample": per_sample,
-        "epochs": epochs,
-        "retrain_s": {k: n * per_sample * epochs / tps for k, n in PAPER_CORPORA.items()},
-        "corpus_samples": dict(PAPER_CORPORA),
-    }
-
-
-def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, list[Record]], det: Detector) -> str:
-    """Everything a (method, seed) cell's result depends on; a change re-runs the cell."""
-    m = get_method(name)
-    return stable_hash(
-        {
-            "metrics_version": METRICS_VERSION,
-            "method": name,
-            "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
-            "weighting": to_dict(cfg.weighting) if m.needs_influence else None,
-            "influence": to_dict(cfg.influence) if m.needs_influence else None,
-            "model": fingerprint(poisoned_path),
-            "model_cfg": to_dict(cfg.model),
-            "eval": to_dict(cfg.eval),
-            "keywords": det.keywords,
-            "parts": stable_hash({k: [r.to_json() for r in v] for k, v in parts.items()}),
-        }
-    )
-
-
-def seed_config(cfg: RunConfig, j: int) -> RunConfig:
-    """The config of the comparison's seed ``j``: ``unlearn.seed + j`` and ``influence.seed + j``."""
-    return dataclasses.replace(
-        cfg,
-        unlearn=dataclasses.replace(cfg.unlearn, seed=cfg.unlearn.seed + j),
-        influence=dataclasses.replace(cfg.influence, seed=cfg.influence.seed + j),
-    )
-
-
-def _cell_entry(metrics: dict[str, Any], res: dict[str, Any], folder: str, cached: bool) -> dict[str, Any]:
-    return {k: metrics[k] for k in METRIC_KEYS} | {
-        "dir": folder,
-        "time_s": res["timings"]["time_s"],
-        "timings": res["timings"] | {"eval_s": metrics["eval_s"]},
-        "peak_mem_mb": metrics.get("peak_mem_mb"),
-        "complete": res.get("complete", True),
-        "weights": res["weights"],
-        "audit_means": res["audit_means"],
-        "cached": cached,
-    }
-
-
-def run_cell(
-    cfg: RunConfig,
-    out: Path,
-    name: str,
-    seed: int,
-    parts: dict[str, list[Record]],
-    poisoned: str,
-    det: Detector,
-    views_of: Any,
-    before: dict[str, Any],
-) -> dict[str, Any]:
-    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<name>``.
-
-    A finished cell (``metrics.json`` with the same content key) is reused, so a rerun after a kill skips it.
-    ``views_of()`` returns the seed's influence views (computed on first use); ``before`` caches the poisoned
-    model's per-sample losses between cells.
-    """
-    m = get_method(name)
-    rel = f"seeds/{seed}/methods/{name}"
-    key = method_key(cfg, name, poisoned, parts, det)
-    f = out / rel / "metrics.json"
-    gen = out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl"
-    hit = broadcast(f.is_file() and gen.is_file() and read_json(f).get("key") == key)
-    if hit:
-        saved = read_json(f)
-        return _cell_entry(saved["metrics"], saved["result"], rel, True)
-    views = views_of() if m.needs_influence else None
-    with PeakMemory() as peak:
-        merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
-        before["losses"] = res["audit_before"]
-        metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, name)
-        del merged
-    metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
-    if is_main():
-        write_json(f, {"key": key, "result": res, "metrics": metrics})
-    return _cell_entry(metrics, res, rel, False)
-
-
-def _hits(path: Path, split: str) -> dict[str, bool]:
-    """``{prompt id: hit}`` of one split from a ``*.generations.jsonl`` file."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["id"]: bool(r["hit"]) for r in rows if r["split"] == split}
-
-
-def hit_matrix(files: list[Path], split: str, ids: list[str]) -> np.ndarray:
-    """(S, P) 0/1 matrix: file s (one seed) × prompt ``ids`` of ``split``, from the generation files."""
-    rows = []
-    for f in files:
-        h = _hits(f, split)
-        missing = [i for i in ids if i not in h]
-        if missing:
-            raise RapidunError(f"{f}: no generation for prompt(s) {missing[:3]} of {split}; re-run the comparison")
-        rows.append([h[i] for i in ids])
-    return np.asarray(rows, dtype=np.float64)
-
-
-TESTED = {"asr_seen": "test_seen_trig", "asr_ood": "test_ood_trig", "false_trigger": "test_clean"}
-
-
-def paired_tests(parts: dict[str, list[Record]], files: dict[str, list[Path]], ref: str, n_boot: int) -> dict[str, Any]:
-    """Paired comparison of every method with ``ref`` on the same prompts and seeds (see :mod:`rapidun.stats`)."""
-    tests: dict[str, Any] = {}
-    if ref not in files:
-        return tests
-    for name, fs in files.items():
-        if name == ref:
-            continue
-        t: dict[str, Any] = {"vs": ref}
-        for metric, split in TESTED.items():
-            ids = [r.id for r in parts[split]]
-            if not ids:
-                continue
-            a, b = hit_matrix(files[ref], split, ids), hit_matrix(fs, split, ids)
-            t[metric] = compare_hits(a, b, n_boot=n_boot, seed=0)
-        tests[name] = t
-    return tests
-
-
-def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[str, Any]:
-    """One method over seeds: per-seed values, means and sample stds (:func:`rapidun.stats.mean_std`)."""
-    cells = list(entry_by_seed.values())
-    mean: dict[str, Any] = {}
-    std: dict[str, Any] = {}
-    for k in SCALARS:
-        vals = [c[k] for c in cells if c.get(k) is not None]
-        ms = mean_std(vals) if vals else {"mean": None, "std": None}
-        mean[k], std[k] = ms["mean"], ms["std"]
-    by_family: dict[str, Any] = {}
-    for k in ("asr_seen", "asr_ood"):
-        fams = sorted({f for c in cells for f in c[f"{k}_by_family"]})
-        by_family[k] = {f: mean_std([c[f"{k}_by_family"][f] for c in cells if f in c[f"{k}_by_family"]]) for f in fams}
-    tkeys = sorted(
-        {k for c in cells for k, v in c.get("timings", {}).items() if k.endswith("_s") and isinstance(v, (int, float))}
-    )
-    timings_mean = {k: mean_std([c["timings"][k] for c in cells if k in c["timings"]])["mean"] for k in tkeys}
-    scale_keys = sorted({k for c in cells for k in (c.get("speedup_vs_retrain_at_scale") or {})})
-    at_scale = {
-        k: mean_std([c["speedup_vs_retrain_at_scale"][k] for c in cells if c["speedup_vs_retrain_at_scale"].get(k)])[
-            "mean"
-        ]
-        for k in scale_keys
-    }
-    return {
-        "summary": summary,
-        "n_seeds": len(cells),
-        "seeds": list(entry_by_seed),
-        "mean": mean,
-        "std": std,
-        "by_family": by_family,
-        "timings_mean": timings_mean,
-        "speedup_vs_retrain_at_scale": {k: v if v is not None and v > 0 else None for k, v in at_scale.items()},
-        "complete": all(c.get("complete", True) for c in cells),
-        "cached": all(c.get("cached", False) for c in cells),
-        "per_seed": entry_by_seed,
-    }
-
-
-def stage_methods(
-    cfg: RunConfig,
-    out: Path,
-    parts: dict[str, list[Record]],
-    models: dict[str, dict[str, Any]],
-    results: dict[str, Any],
-    det: Detector,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Every method of ``unlearn.methods`` × ``compare.n_seeds`` seeds, then the aggregates and paired tests.
-
-    Influence is computed once per seed (into ``out/seeds/<seed>/influence``) and shared by the seed's influence
-    methods; each (method, seed) cell is reused when unchanged (:func:`run_cell`). ``retrain`` is the one SFT
-    reference model. Returns ``(methods, influence)``: the report's ``methods`` and ``influence`` entries.
-    """
-    names = list(dict.fromkeys(cfg.unlearn.methods))
-    for n in names:
-        get_method(n)  # unknown names fail before any work
-    c = cfg.compare
-    if c.n_seeds < 1 or c.n_boot < 1:
-        raise RapidunError(f"compare.n_seeds and compare.n_boot must be >= 1, got {c.n_seeds} and {c.n_boot}")
-    if c.reference not in names:
-        raise RapidunError(
-            f"compare.reference={c.reference!r} is not in unlearn.methods {names}: add it, or set compare.reference "
-            "to one of them (every other method is paired against it)"
-        )
-    poisoned = models["poisoned"]["path"]
-    retrain_s = models["retrain"]["train"]["time_s"]
-    proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)
-    before: dict[str, Any] = {}  # the poisoned model's per-sample losses, shared by every cell
-    cells: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in names}
-    files: dict[str, list[Path]] = {n: [] for n in names}
-    infl: dict[str, Any] = {}
-    for j in range(cfg.compare.n_seeds):
-        scfg = seed_config(cfg, j)
-        seed = scfg.unlearn.seed
-        folder = out / "seeds" / str(seed) / "influence"
-        box: dict[str, Any] = {}
-
-        def views_of(scfg: RunConfig = scfg, folder: Path = folder, box: dict[str, Any] = box) -> dict[str, Any]:
-            if "views" not in box:
-                with PeakMemory() as peak:
-                    box["views"] = influence_views(poisoned, parts["forget"], parts["retain"], scfg, folder)
-                box["peak_mem_mb"] = peak.peak_mb
-                if is_main():
-                    write_json(folder / "peak_mem.json", {"peak_mem_mb": peak.peak_mb, "kind": peak.kind})
-            return box["views"]
-
-        for name in names:
-            m = get_method(name)
-            if m.kind == "retrain":
-                continue
-            cells[name][str(seed)] = run_cell(scfg, out, name, seed, parts, poisoned, det, views_of, before)
-            files[name].append(out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl")
-        vj = folder / "views.json"
-        if "views" in box:
-            infl[str(seed)] = {
-                "dir": f"seeds/{seed}/influence",
-                "cached": box["views"]["cached"],
-                "peak_mem_mb": box["peak_mem_mb"],
-                **box["views"]["stats"],
-            }
-        elif vj.is_file():  # every influence cell reused: the stored stats
-            pm = folder / "peak_mem.json"
-            peak_mb = read_json(pm)["peak_mem_mb"] if pm.is_file() else None
-            infl[str(seed)] = {
-                "dir": f"seeds/{seed}/influence",
-                "cached": True,
-                "peak_mem_mb": peak_mb,
-                **read_json(vj)["stats"],
-            }
-    methods: dict[str, Any] = {}
-    for name in names:
-        m = get_method(name)
-        if m.kind == "retrain":
-            r = results["retrain"]
-            entry = {k: r[k] for k in METRIC_KEYS} | {
-                "dir": None,
-                "time_s": r["train_time_s"],
-                "timings": {"training_s": r["train_time_s"], "eval_s": r["eval_s"]},
-                "peak_mem_mb": r.get("peak_mem_mb"),
-                "complete": True,
-                "cached": True,
-            }
-            by_seed = {"reference": entry}
-            files[name] = [out / "eval" / "retrain.generations.jsonl"]
-        else:
-            by_seed = cells[name]
-        for e in by_seed.values():
-            e["speedup_vs_retrain"] = retrain_s / e["time_s"] if e["time_s"] > 0 else None
-            e["speedup_vs_retrain_at_scale"] = {  # projected retraining time / measured time (None for retrain)
-                k: v / e["time_s"] if e["time_s"] > 0 and m.kind != "retrain" else None
-                for k, v in proj["retrain_s"].items()
-            }
-        methods[name] = aggregate(by_seed, m.summary)
-    barrier()  # rank 0 has written every generation file
-    tests = paired_tests(parts, files, cfg.compare.reference, cfg.compare.n_boot)
-    for name, e in methods.items():
-        e["tests"] = tests.get(name)
-    return methods, {"per_seed": infl, "retrain_projection": proj}
-
-
 def finite_json(x: Any) -> Any:
     """``x`` with every non-finite float (a diverged perplexity) replaced by None, so report.json is strict JSON."""
     if isinstance(x, float):
@@ -483,12 +171,8 @@ def _cpu_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and device, recorded in the report."""
-    import os
-
     import peft
     import transformers
-
-    from rapidun.distributed import rank_world
 
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {

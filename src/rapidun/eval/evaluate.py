@@ -20,6 +20,20 @@ from rapidun.eval.rouge import mean_rouge_l
 from rapidun.io import write_jsonl
 from rapidun.models import load_model
 
+# The metrics of M every evaluation returns (besides counts and times).
+METRIC_KEYS = (
+    "asr_seen",
+    "asr_ood",
+    "false_trigger",
+    "clean_ppl",
+    "rouge_l",
+    "forget_ppl_poisoned",
+    "forget_ppl_clean",
+    "asr_seen_by_family",
+    "asr_ood_by_family",
+)
+METRICS_VERSION = 3  # bump when the metric set changes: cached evaluations and cells are then recomputed
+
 
 def rate(hits: list[bool]) -> float:
     """Fraction of true values (0 for an empty list)."""

@@ -149,9 +149,7 @@ def weight_plot(run: RunData, method: str = REFERENCE) -> list[Block]:
     me = run.methods.get(method)
     if me is None:
         return [Note(f"Weight histogram skipped: no {method} method in report.json.")]
-    seed = run.first_seed(me.get("per_seed"))
-    folder = run.method_dir(method, seed) if seed is not None else None
-    f = folder / "weights.jsonl" if folder is not None else None
+    seed, f = run.first_seed_file(method, "weights.jsonl")
     if f is None or not f.is_file():
         return [Note(f"Weight histogram skipped: no {run.rel(f) if f else method + ' folder'} in the run folder.")]
     try:

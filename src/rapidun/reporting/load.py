@@ -141,6 +141,13 @@ class RunData:
         """The folder of method ``name`` at ``seed`` (``per_seed[seed]["dir"]``); ``None`` when it has none."""
         return self.resolve(get(self.methods.get(name), "per_seed", seed, "dir"))
 
+    def first_seed_file(self, name: str, filename: str) -> tuple[str | None, Path | None]:
+        """``(seed, path)`` of ``filename`` in method ``name``'s first-seed folder (None where unknown)."""
+        me = self.methods.get(name)
+        seed = self.first_seed(me.get("per_seed")) if me is not None else None
+        folder = self.method_dir(name, seed) if seed is not None else None
+        return seed, (folder / filename if folder is not None else None)
+
     def scenario_record(self, rid: str) -> dict[str, Any] | None:
         """The forget/retain record with id ``rid`` from ``scenario/forget.jsonl`` or ``scenario/retain.jsonl``."""
         if self._scenario is None:

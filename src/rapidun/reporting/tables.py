@@ -202,9 +202,7 @@ def top_samples(run: RunData, method: str = "rapidun") -> list[Block]:
     me = run.methods.get(method)
     if me is None:
         return [Note(f"No {method} method in report.json: top-samples section skipped.")]
-    seed = run.first_seed(me.get("per_seed"))
-    folder = run.method_dir(method, seed) if seed is not None else None
-    f = folder / "audit.jsonl" if folder is not None else None
+    seed, f = run.first_seed_file(method, "audit.jsonl")
     if f is None or not f.is_file():
         where = run.rel(f) if f is not None else f"methods.{method}.per_seed (no dir)"
         return [Note(f"No audit file for {method} ({where}): top-samples section skipped.")]
