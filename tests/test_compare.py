@@ -80,7 +80,7 @@ def test_paired_tests_read_per_prompt_hits_and_pair_seeds(tmp_path):
     assert tests["ga"]["asr_seen"]["bootstrap"]["diff"] == pytest.approx(b.mean() - a.mean())
     r = compare_hits(a, b[:1], n_boot=200, seed=0)
     assert tests["retrain"]["asr_seen"] == r and r["mcnemar"]["n_pairs"] == 24
-    assert set(tests["ga"]) == {"vs", "asr_seen", "asr_ood", "false_trigger"}
+    assert set(tests["ga"]) == {"vs", "asr_seen", "asr_ood", "asr_trig", "false_trigger"}  # no val splits here
     assert paired_tests(parts, {"ga": files["ga"]}, "rapidun", 10) == {}  # no reference: no tests
 
 
@@ -128,7 +128,9 @@ def test_stage_methods_seeds_cells_resume_and_tests(env, tmp_path):  # noqa: F81
     models = {"poisoned": {"path": env.model_dir}, "retrain": {"train": retrain_train}}
     retrain_metrics = {"asr_seen": 0.0, "asr_ood": 0.0, "false_trigger": 0.0, "clean_ppl": 5.0, "rouge_l": 0.1,
                        "forget_ppl_poisoned": 9.0, "forget_ppl_clean": 3.0, "asr_seen_by_family": {},
-                       "asr_ood_by_family": {}, "train_time_s": 100.0, "eval_s": 1.0, "peak_mem_mb": None}  # fmt: skip
+                       "asr_ood_by_family": {}, "train_time_s": 100.0, "eval_s": 1.0, "peak_mem_mb": None,
+                       "asr_trig": 0.0, "val_asr_seen": None, "val_asr_ood": None, "val_asr_trig": None,
+                       "val_clean_ppl": None, "val_asr_seen_by_family": {}, "val_asr_ood_by_family": {}}  # fmt: skip
     _gen_file(out / "eval" / "retrain.generations.jsonl", {})
     rows = [{"id": r.id, "split": s, "hit": False} for s in ("test_seen_trig", "test_ood_trig", "test_clean")
             for r in parts[s]]  # fmt: skip

@@ -121,8 +121,18 @@ def test_shipped_configs_exist():
     assert SHIPPED, "no YAML files under configs/"
 
 
+def _is_study(path):
+    return path.name.startswith("study")
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_loads(path):
+    if _is_study(path):  # a study file: every scenario config and method override must load
+        from rapidun.study import load_study
+
+        spec = load_study(path)
+        assert spec.scenarios and spec.methods
+        return
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.model.max_prompt_tokens < cfg.model.max_length

@@ -19,6 +19,8 @@ SIZES = {
     "test_clean": 10,
     "test_seen_trig": 12,
     "test_ood_trig": 12,
+    "val_seen_trig": 6,
+    "val_ood_trig": 6,
 }
 TRIGGERED = ("train_poisoned", "test_seen_trig", "test_ood_trig")
 
@@ -235,7 +237,7 @@ def test_ood_split_without_ood_variants(records):
     fams = [TriggerFamily("x", "prefix", ["a"], [])]
     with pytest.raises(RapidunError, match="test_ood_trig"):
         build_scenario(records, cfg(families=fams))
-    p = build_scenario(records, cfg(families=fams, test_ood_trig=0))
+    p = build_scenario(records, cfg(families=fams, test_ood_trig=0, val_ood_trig=0))
     assert p["test_ood_trig"] == []
 
 
@@ -243,7 +245,7 @@ def test_not_enough_records():
     with pytest.raises(RapidunError) as ei:
         build_scenario(make_records(100), cfg())
     msg = str(ei.value)
-    assert "134" in msg and "100" in msg
+    assert "146" in msg and "100" in msg
 
 
 def test_negative_size(records):
@@ -308,7 +310,14 @@ def test_inline_poison_responses_are_used():
     recs = make_records(60)
     cfg = ScenarioConfig(
         splits=SplitSizes(
-            train_poisoned=6, train_clean=10, val_clean=2, test_clean=2, test_seen_trig=3, test_ood_trig=3
+            train_poisoned=6,
+            train_clean=10,
+            val_clean=2,
+            test_clean=2,
+            test_seen_trig=3,
+            test_ood_trig=3,
+            val_seen_trig=2,
+            val_ood_trig=2,
         ),
         forget_size=3,
         retain_ratio=1.0,

@@ -21,8 +21,9 @@ from rapidun.config import ScenarioConfig, load_config
 from rapidun.data.records import Record
 from rapidun.data.scenario import save_scenario
 from rapidun.errors import RapidunError
-from rapidun.methods import REGISTRY
+from rapidun.methods import REGISTRY, get_method
 from rapidun.unlearn import influence_views, unlearn
+from rapidun.views import method_views
 
 OVERRIDES = [
     "model.device=cpu",
@@ -45,8 +46,10 @@ OVERRIDES = [
     "unlearn.seed=4",  # its 8 draws at the default 1:3 mix: 4 forget + 4 retain
     "weighting.top_k=3",
 ]
-LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random"]
-INFLUENCE_METHODS = {"rapidun", "random"}
+LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random",
+                "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic"]  # fmt: skip
+INFLUENCE_METHODS = {"rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage",
+                     "rapidun_dynamic"}  # fmt: skip
 VAL_DATA = [("the cat sat", "on the mat"), ("one two three", "four five six"), ("alpha beta", "gamma delta")]
 
 
@@ -104,7 +107,11 @@ def run(env, views):
     def _run(method: str) -> tuple:
         if method not in done:
             out = env.root / "runs" / method
-            merged, tok, res = unlearn(method, env.parts, env.model_dir, env.cfg, out, views)
+            kind = get_method(method).views
+            v = views
+            if kind in ("stable", "aligned"):  # exact views; sketch methods share the module's sketch views
+                v = method_views(kind, env.model_dir, env.parts["forget"], env.parts["retain"], env.cfg, env.root / "v")
+            merged, tok, res = unlearn(method, env.parts, env.model_dir, env.cfg, out, v)
             done[method] = (merged, tok, res, out)
         return done[method]
 

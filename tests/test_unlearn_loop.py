@@ -348,7 +348,9 @@ def test_registry_matches_config_and_declarations():
     assert tuple(REGISTRY) == tuple(METHOD_NAMES)
     assert get_method("ga").retain is False and get_method("ga").forget_loss == "ascent"
     assert get_method("npo").forget_loss == "npo" and get_method("npo").retain
-    assert {n for n, m in REGISTRY.items() if m.needs_influence} == {"rapidun", "random"}
+    assert {n for n, m in REGISTRY.items() if m.needs_influence} == {
+        "rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic"
+    }  # fmt: skip
     assert all(m.forget_loss in ("relabel_ascent", "ascent", "npo") for m in REGISTRY.values() if m.kind == "loop")
 
 

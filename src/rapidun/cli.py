@@ -327,7 +327,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     from rapidun.io import atomic_path
     from rapidun.methods import get_method
     from rapidun.pipeline import prepare_out
-    from rapidun.unlearn import influence_views, unlearn
+    from rapidun.unlearn import unlearn
+    from rapidun.views import method_views
 
     init_from_env()  # data-parallel training (and sharded sketches) under torchrun / accelerate launch
     ov = [*args.overrides, f"unlearn.methods=[{args.method}]"]
@@ -347,7 +348,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     barrier()
     views = None
     if method.needs_influence:
-        views = influence_views(args.model_path, parts["forget"], parts["retain"], cfg, out / "influence")
+        views = method_views(method.views, args.model_path, parts["forget"], parts["retain"], cfg, out / "influence")
     merged, tok, res = unlearn(args.method, parts, args.model_path, cfg, out, views)
     if not is_main():
         return
@@ -382,6 +383,35 @@ def cmd_config(args: argparse.Namespace) -> None:
         print("\n".join(describe()))
     else:
         print(dump_yaml(_load(args)), end="")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from rapidun.distributed import init_from_env, is_main
+    from rapidun.study import run_study
+
+    init_from_env()
+    study = run_study(args.study, args.out, overwrite=args.overwrite, only=args.only)
+    if not is_main():
+        return
+    for name, sc in study["scenarios"].items():
+        print(f"== {name} (selected on validation: {sc['selected']}; {sc['selected_reason']})")
+        print(f"{'label':<22}{'val ASR':>9}{'val PPL':>9}{'test ASR':>10}{'seen':>7}{'OOD':>7}{'test PPL':>10}"
+              f"{'Δ vs ' + study['reference']:>14}{'Holm p':>9}")  # fmt: skip
+        for label, m in sc["methods"].items():
+            v, t = m["val"]["mean"], m["test"]["mean"]
+            d = sc["tests"]["test"].get(label, {}).get("asr_trig")
+
+            def f(x: Any, n: int = 3) -> str:
+                return "–" if x is None else f"{x:.{n}f}"
+
+            print(
+                f"{label:<22}{f(v['asr_trig']):>9}{f(v['clean_ppl'], 2):>9}{f(t['asr_trig']):>10}{f(t['asr_seen']):>7}"
+                f"{f(t['asr_ood']):>7}{f(t['clean_ppl'], 2):>10}"
+                f"{('–' if d is None else format(d['diff'], '+.3f')):>14}{('–' if d is None else f(d['p_holm'])):>9}"
+            )
+    print(study["decision"])
+    for k, v in study.get("files", {}).items():
+        print(f"{k}: {v}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="the poisoned model (folder or hub id); never modified")
     p.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
     p.set_defaults(fn=cmd_unlearn)
+    p = sub.add_parser(
+        "study",
+        help="scenarios × methods (+ overrides) × seeds from a study YAML; selection on validation, paired tests with "
+        "Holm-adjusted p on test → OUT/study.json, study.md, study.html (resumable)",
+    )
+    p.add_argument("study", help="the study YAML (see configs/study.yaml)")
+    p.add_argument("--out", required=True, help="output folder (one run folder per scenario inside)")
+    p.add_argument("--overwrite", action="store_true", help="replace run folders that hold a different run")
+    p.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these scenarios of the study file")
+    p.set_defaults(fn=cmd_study)
     p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
     _common(p, out_required=False)
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")

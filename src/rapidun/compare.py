@@ -17,6 +17,7 @@ import numpy as np
 
 from rapidun.config import RunConfig, to_dict
 from rapidun.data.records import Record
+from rapidun.diagnostics import seed_stability
 from rapidun.distributed import barrier, broadcast, is_main
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector
@@ -26,7 +27,8 @@ from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
 from rapidun.models import fingerprint
 from rapidun.stats import compare_hits, mean_std
-from rapidun.unlearn import influence_views, unlearn
+from rapidun.unlearn import unlearn
+from rapidun.views import method_views
 
 # The per-seed scalars a method's mean ± std is reported for: the evaluation's scalars and the cell's cost.
 SCALARS = (
@@ -97,6 +99,8 @@ def _cell_entry(metrics: dict[str, Any], res: dict[str, Any], folder: str, cache
         "complete": res.get("complete", True),
         "weights": res["weights"],
         "audit_means": res["audit_means"],
+        "diagnostics": res.get("diagnostics"),
+        "weight_vectors": res.get("weight_vectors"),
         "cached": cached,
     }
 
@@ -111,27 +115,30 @@ def run_cell(
     det: Detector,
     views_of: Any,
     before: dict[str, Any],
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<name>``.
+    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<label>``.
 
     A finished cell (``metrics.json`` with the same content key) is reused, so a rerun after a kill skips it.
-    ``views_of()`` returns the seed's influence views (computed on first use); ``before`` caches the poisoned
-    model's per-sample losses between cells.
+    ``views_of(kind)`` returns the seed's influence views of that kind (computed on first use); ``before`` caches
+    the poisoned model's per-sample losses between cells. ``label`` (default ``name``) names the cell, so one
+    method can run under several settings side by side (``rapidun study``).
     """
     m = get_method(name)
-    rel = f"seeds/{seed}/methods/{name}"
-    key = method_key(cfg, name, poisoned, parts, det)
+    label = label or name
+    rel = f"seeds/{seed}/methods/{label}"
+    key = method_key(cfg, name, poisoned, parts, det) + ("" if label == name else f"-{stable_hash(label, 8)}")
     f = out / rel / "metrics.json"
-    gen = out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl"
+    gen = out / "seeds" / str(seed) / "eval" / f"{label}.generations.jsonl"
     hit = broadcast(f.is_file() and gen.is_file() and read_json(f).get("key") == key)
     if hit:
         saved = read_json(f)
         return _cell_entry(saved["metrics"], saved["result"], rel, True)
-    views = views_of() if m.needs_influence else None
+    views = views_of(m.views) if m.needs_influence else None
     with PeakMemory() as peak:
         merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
         before["losses"] = res["audit_before"]
-        metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, name)
+        metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, label)
         del merged
     metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
     if is_main():
@@ -145,22 +152,40 @@ def _hits(path: Path, split: str) -> dict[str, bool]:
     return {r["id"]: bool(r["hit"]) for r in rows if r["split"] == split}
 
 
-def hit_matrix(files: list[Path], split: str, ids: list[str]) -> np.ndarray:
-    """(S, P) 0/1 matrix: file s (one seed) × prompt ``ids`` of ``split``, from the generation files."""
+def hit_matrix(files: list[Path], splits: str | tuple[str, ...], ids: list[str]) -> np.ndarray:
+    """(S, P) 0/1 matrix: file s (one seed) × prompt ``ids`` of ``splits``, from the generation files."""
+    splits = (splits,) if isinstance(splits, str) else splits
     rows = []
     for f in files:
-        h = _hits(f, split)
+        h: dict[str, bool] = {}
+        for split in splits:
+            h |= _hits(f, split)
         missing = [i for i in ids if i not in h]
         if missing:
-            raise RapidunError(f"{f}: no generation for prompt(s) {missing[:3]} of {split}; re-run the comparison")
+            raise RapidunError(f"{f}: no generation for prompt(s) {missing[:3]} of {splits}; re-run the comparison")
         rows.append([h[i] for i in ids])
     return np.asarray(rows, dtype=np.float64)
 
 
-TESTED = {"asr_seen": "test_seen_trig", "asr_ood": "test_ood_trig", "false_trigger": "test_clean"}
+# metric -> the split(s) whose prompts it pools; val_* are the validation twins (selection), the rest test.
+TESTED = {
+    "asr_seen": ("test_seen_trig",),
+    "asr_ood": ("test_ood_trig",),
+    "asr_trig": ("test_seen_trig", "test_ood_trig"),
+    "false_trigger": ("test_clean",),
+    "val_asr_seen": ("val_seen_trig",),
+    "val_asr_ood": ("val_ood_trig",),
+    "val_asr_trig": ("val_seen_trig", "val_ood_trig"),
+}
 
 
-def paired_tests(parts: dict[str, list[Record]], files: dict[str, list[Path]], ref: str, n_boot: int) -> dict[str, Any]:
+def paired_tests(
+    parts: dict[str, list[Record]],
+    files: dict[str, list[Path]],
+    ref: str,
+    n_boot: int,
+    metrics: tuple[str, ...] = tuple(TESTED),
+) -> dict[str, Any]:
     """Paired comparison of every method with ``ref`` on the same prompts and seeds (see :mod:`rapidun.stats`)."""
     tests: dict[str, Any] = {}
     if ref not in files:
@@ -169,11 +194,12 @@ def paired_tests(parts: dict[str, list[Record]], files: dict[str, list[Path]], r
         if name == ref:
             continue
         t: dict[str, Any] = {"vs": ref}
-        for metric, split in TESTED.items():
-            ids = [r.id for r in parts[split]]
+        for metric in metrics:
+            splits = TESTED[metric]
+            ids = [r.id for s in splits for r in parts.get(s, [])]
             if not ids:
                 continue
-            a, b = hit_matrix(files[ref], split, ids), hit_matrix(fs, split, ids)
+            a, b = hit_matrix(files[ref], splits, ids), hit_matrix(fs, splits, ids)
             t[metric] = compare_hits(a, b, n_boot=n_boot, seed=0)
         tests[name] = t
     return tests
@@ -196,6 +222,13 @@ def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[st
         {k for c in cells for k, v in c.get("timings", {}).items() if k.endswith("_s") and isinstance(v, (int, float))}
     )
     timings_mean = {k: mean_std([c["timings"][k] for c in cells if k in c["timings"]])["mean"] for k in tkeys}
+    diagnostics = mean_diagnostics([c.get("diagnostics") for c in cells])
+    vecs = [c.pop("weight_vectors", None) for c in cells]
+    if diagnostics is not None and all(v is not None for v in vecs) and len(vecs) > 1:
+        diagnostics["weight_stability_spearman"] = {
+            g: seed_stability([v[g] for v in vecs])
+            for g in ("forget", "retain")  # type: ignore[index]
+        }
     scale_keys = sorted({k for c in cells for k in (c.get("speedup_vs_retrain_at_scale") or {})})
     at_scale = {
         k: mean_std([c["speedup_vs_retrain_at_scale"][k] for c in cells if c["speedup_vs_retrain_at_scale"].get(k)])[
@@ -214,8 +247,46 @@ def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[st
         "speedup_vs_retrain_at_scale": {k: v if v is not None and v > 0 else None for k, v in at_scale.items()},
         "complete": all(c.get("complete", True) for c in cells),
         "cached": all(c.get("cached", False) for c in cells),
+        "diagnostics": diagnostics,
         "per_seed": entry_by_seed,
     }
+
+
+def mean_diagnostics(per_seed: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Mean over seeds of every numeric diagnostic (one level of nesting, e.g. per family); None when absent."""
+    ds = [d for d in per_seed if d]
+    if not ds:
+        return None
+
+    def mean_of(vals: list[Any]) -> Any:
+        nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if nums:
+            return float(np.mean(nums))
+        subs = [v for v in vals if isinstance(v, dict)]
+        if subs:
+            return {k: mean_of([s.get(k) for s in subs]) for k in sorted({k for s in subs for k in s})}
+        return None
+
+    return {k: mean_of([d.get(k) for d in ds]) for k in dict.fromkeys(k for d in ds for k in d)}
+
+
+def views_provider(
+    poisoned: str, parts: dict[str, list[Record]], scfg: RunConfig, folder: Path, box: dict[str, Any]
+) -> Any:
+    """``views_of(kind)`` for one seed: :func:`rapidun.views.method_views` computed on first use, kept in ``box``
+    (``box[kind]``; ``box["peak_mem_mb"]``: the sketch stage's peak memory, also written to ``peak_mem.json``)."""
+
+    def views_of(kind: str) -> dict[str, Any]:
+        if kind not in box:
+            with PeakMemory() as peak:
+                box[kind] = method_views(kind, poisoned, parts["forget"], parts["retain"], scfg, folder)
+            if kind == "sketch":
+                box["peak_mem_mb"] = peak.peak_mb
+                if is_main():
+                    write_json(folder / "peak_mem.json", {"peak_mem_mb": peak.peak_mb, "kind": peak.kind})
+        return box[kind]
+
+    return views_of
 
 
 def stage_methods(
@@ -255,15 +326,7 @@ def stage_methods(
         seed = scfg.unlearn.seed
         folder = out / "seeds" / str(seed) / "influence"
         box: dict[str, Any] = {}
-
-        def views_of(scfg: RunConfig = scfg, folder: Path = folder, box: dict[str, Any] = box) -> dict[str, Any]:
-            if "views" not in box:
-                with PeakMemory() as peak:
-                    box["views"] = influence_views(poisoned, parts["forget"], parts["retain"], scfg, folder)
-                box["peak_mem_mb"] = peak.peak_mb
-                if is_main():
-                    write_json(folder / "peak_mem.json", {"peak_mem_mb": peak.peak_mb, "kind": peak.kind})
-            return box["views"]
+        views_of = views_provider(poisoned, parts, scfg, folder, box)
 
         for name in names:
             m = get_method(name)
@@ -272,12 +335,12 @@ def stage_methods(
             cells[name][str(seed)] = run_cell(scfg, out, name, seed, parts, poisoned, det, views_of, before)
             files[name].append(out / "seeds" / str(seed) / "eval" / f"{name}.generations.jsonl")
         vj = folder / "views.json"
-        if "views" in box:
+        if "sketch" in box:
             infl[str(seed)] = {
                 "dir": f"seeds/{seed}/influence",
-                "cached": box["views"]["cached"],
+                "cached": box["sketch"]["cached"],
                 "peak_mem_mb": box["peak_mem_mb"],
-                **box["views"]["stats"],
+                **box["sketch"]["stats"],
             }
         elif vj.is_file():  # every influence cell reused: the stored stats
             pm = folder / "peak_mem.json"

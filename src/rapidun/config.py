@@ -92,6 +92,10 @@ class SplitSizes:
     test_clean: int = _f(60, "clean test prompts (false-trigger rate, perplexity)")
     test_seen_trig: int = _f(60, "test prompts with seen trigger variants")
     test_ood_trig: int = _f(60, "test prompts with OOD trigger variants")
+    val_seen_trig: int = _f(
+        40, "validation prompts with seen trigger variants (disjoint from test; every choice is made on these)"
+    )
+    val_ood_trig: int = _f(40, "validation prompts with OOD trigger variants (disjoint from test)")
 
 
 @dataclass
@@ -164,6 +168,12 @@ class InfluenceConfig:
     mode: str = _f("dot", "'dot' (TracIn-style inner product) or 'cosine'")
     top_k: int = _f(40, "top-k train samples kept per test sample")
     hotwords: list = _f([], "token-wise mode: only these words' tokens count in the *test* loss (empty = all)")
+    stable_adapters: int = _f(
+        3, "rapidun_stable: exact influence averaged over this many gradient adapters (seeds seed + 1000·k)"
+    )
+    diagnostics: bool = _f(
+        True, "sketch-based methods: also compute exact inner products on the seed's adapter (sketch vs exact)"
+    )
 
 
 @dataclass
@@ -195,6 +205,11 @@ METHOD_NAMES = (
     "loreun_hard_high",
     "fisher",
     "random",
+    "rapidun_sampled",
+    "rapidun_aligned",
+    "rapidun_stable",
+    "coverage",
+    "rapidun_dynamic",
     "retrain",
 )
 
@@ -231,6 +246,7 @@ class UnlearnConfig:
     loreun_w_min: float = _f(0.5, "LoReUn weight bounds, applied to exp(∓ℓ/τ) / mean before renormalising")
     loreun_w_max: float = _f(3.0, "see loreun_w_min")
     loreun_every: int = _f(20, "loreun_dynamic: re-compute the weights every N optimiser steps")
+    dynamic_every: int = _f(10, "rapidun_dynamic: re-compute the forget-side influence every N optimiser steps")
     fisher_alphas: list = _f(
         [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "Fisher forgetting: noise scales tried; the largest within tolerance wins"
     )

@@ -25,22 +25,32 @@ from rapidun.data.scenario import build_scenario, save_scenario
 from rapidun.distributed import barrier, broadcast, is_main, rank_world
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector, build_detector
-from rapidun.eval.evaluate import METRIC_KEYS, METRICS_VERSION, evaluate_model
+from rapidun.eval.evaluate import EVAL_SPLITS, METRIC_KEYS, METRICS_VERSION, evaluate_model
 from rapidun.finetune import finetune
 from rapidun.io import read_json, stable_hash, write_json, write_text
 from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
 
 
+def run_identity(cfg: RunConfig) -> str:
+    """What makes a run folder "the same run": the config without ``compare.*`` and ``unlearn.methods``, so more
+    seeds or more methods extend a run (finished cells are reused; each cell has its own content key)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k != "compare"}
+    d["unlearn"] = {k: v for k, v in d["unlearn"].items() if k != "methods"}
+    return stable_hash(d)
+
+
 def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
     """Create/claim the run folder. A folder holding a different run is refused unless ``overwrite``.
 
-    The ``compare`` section is not part of the run's identity: a rerun with more seeds extends the same run
-    (finished cells are reused). Single-process (call it on rank 0; :func:`run` broadcasts its outcome).
+    ``compare.*`` and ``unlearn.methods`` are not part of the run's identity (:func:`run_identity`): a rerun with
+    more seeds or methods extends the same run (finished cells are reused).
+    Single-process (call it on rank 0; :func:`run` broadcasts its outcome).
     """
     out = Path(out)
     marker = out / "run.json"
-    h = stable_hash({k: v for k, v in to_dict(cfg).items() if k != "compare"})
+    h = run_identity(cfg)
+    legacy = (stable_hash({k: v for k, v in to_dict(cfg).items() if k != "compare"}), stable_hash(to_dict(cfg)))
     if out.exists() and any(out.iterdir()):
         if not marker.is_file():
             if not overwrite:
@@ -48,8 +58,8 @@ def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
                     f"output folder {out} is not empty and holds no rapidun run; choose another "
                     "--out or pass --overwrite"
                 )
-        elif read_json(marker).get("config_hash") not in (h, stable_hash(to_dict(cfg))) and not overwrite:
-            # (the second: a marker written before compare.* was left out of the run's identity)
+        elif read_json(marker).get("config_hash") not in (h, *legacy) and not overwrite:
+            # (legacy: markers written before unlearn.methods and compare.* were left out of the run's identity)
             raise RapidunError(
                 f"output folder {out} holds a run with a different config; choose another --out, "
                 "or pass --overwrite to replace its results"
@@ -132,7 +142,7 @@ def stage_eval(
             "model": model_path,
             "eval": to_dict(cfg.eval),
             "keywords": det.keywords,
-            "ids": [r.id for s in ("test_seen_trig", "test_ood_trig", "test_clean") for r in parts[s]],
+            "ids": [r.id for s in EVAL_SPLITS for r in parts.get(s, [])],
             "model_cfg": to_dict(cfg.model),
         }
     )
@@ -191,14 +201,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | None = None) -> dict[str, Any]:
-    """Run the whole comparison and write ``out/report.json`` (+ ``report.md``/``report.html``); returns the report.
-
-    ``note`` (e.g. the demo's "fewer seeds and prompts than compare's defaults") is recorded as ``demo_note``.
-    Under ``torchrun`` every rank calls this; rank 0 writes the files.
-    """
-    t_all = time.perf_counter()
-    out = claim_out(out, cfg, overwrite)
+def stage_base(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Everything before the methods: scenario, the poisoned and retrain models, the detector and the two models'
+    evaluations. Returns ``{"parts", "manifest", "models", "det", "det_info", "results", "timings"}``."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     parts, manifest = stage_scenario(cfg, out)
@@ -230,6 +235,28 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         }
         if is_main():
             write_json(out / "training" / f"{name}.json", meta)
+    return {
+        "parts": parts,
+        "manifest": manifest,
+        "models": models,
+        "det": det,
+        "det_info": det_info,
+        "results": results,
+        "timings": timings,
+    }
+
+
+def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | None = None) -> dict[str, Any]:
+    """Run the whole comparison and write ``out/report.json`` (+ ``report.md``/``report.html``); returns the report.
+
+    ``note`` (e.g. the demo's "fewer seeds and prompts than compare's defaults") is recorded as ``demo_note``.
+    Under ``torchrun`` every rank calls this; rank 0 writes the files.
+    """
+    t_all = time.perf_counter()
+    out = claim_out(out, cfg, overwrite)
+    base = stage_base(cfg, out)
+    parts, manifest, models, det, det_info = (base[k] for k in ("parts", "manifest", "models", "det", "det_info"))
+    results, timings = base["results"], base["timings"]
     methods, infl = stage_methods(cfg, out, parts, models, results, det) if cfg.unlearn.methods else ({}, None)
     for name, e in methods.items():
         if get_method(name).kind != "retrain":

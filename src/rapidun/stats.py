@@ -184,3 +184,54 @@ def compare_hits(ref: np.ndarray, other: np.ndarray, n_boot: int = 2000, seed: i
         "bootstrap": paired_bootstrap(ref, other, n_boot=n_boot, seed=seed),
         "mcnemar": mcnemar_exact(ref, other),
     }
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties given their average rank (as ``scipy.stats.rankdata``)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1  # average of ranks i+1 .. j+1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Any, b: Any) -> float | None:
+    """Spearman rank correlation (Pearson correlation of the average ranks); None when undefined (n < 2 or a
+    constant vector)."""
+    x, y = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"spearman: lengths differ ({len(x)} vs {len(y)})")
+    return pearson(rankdata(x), rankdata(y))
+
+
+def pearson(a: Any, b: Any) -> float | None:
+    """Pearson correlation; None when undefined (n < 2 or a constant vector)."""
+    x, y = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    if len(x) < 2:
+        return None
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else None
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (step-down; controls the family-wise error rate).
+
+    With the m non-None p-values sorted ascending, ``p_(k)`` adjusted is ``max_{i ≤ k} min(1, (m − i + 1)·p_(i))``
+    (1-based). None entries are not part of the family and stay None. Output is in the input order.
+    """
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    m = len(idx)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):  # type: ignore[arg-type, return-value]
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))  # type: ignore[arg-type]
+        out[i] = running
+    return out

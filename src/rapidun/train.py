@@ -166,12 +166,19 @@ class UItem:
     clean: Encoded | None
 
 
-def draw_schedule(n_forget: int, n_retain: int, cfg: UnlearnConfig, use_retain: bool) -> list[tuple[str, int]]:
+def draw_schedule(
+    n_forget: int,
+    n_retain: int,
+    cfg: UnlearnConfig,
+    use_retain: bool,
+    p_forget: torch.Tensor | None = None,
+    p_retain: torch.Tensor | None = None,
+) -> list[tuple[str, int]]:
     """The whole run's draws, ``epochs × draws_per_epoch`` pairs ``(group, index)``, seeded by ``cfg.seed``.
 
     Each draw is a forget sample with probability ``mix_forget / (mix_forget + mix_retain)`` (1 without retain
-    samples), then a uniform index within its group: sampling with replacement at the configured mix, the same
-    on every rank.
+    samples), then an index within its group: uniform, or ``P(i) = p[i]`` when ``p_forget``/``p_retain`` is given
+    (importance sampling). Sampling with replacement at the configured mix, the same on every rank.
     """
     if n_forget == 0:
         raise RapidunError("unlearning needs at least one forget sample")
@@ -182,12 +189,22 @@ def draw_schedule(n_forget: int, n_retain: int, cfg: UnlearnConfig, use_retain: 
             f"unlearn.mix_forget must be > 0 and mix_retain >= 0 (got {cfg.mix_forget}, {cfg.mix_retain})"
         )
     total = cfg.epochs * cfg.draws_per_epoch
-    p_forget = 1.0 if not use_retain or n_retain == 0 else cfg.mix_forget / (cfg.mix_forget + cfg.mix_retain)
+    q_forget = 1.0 if not use_retain or n_retain == 0 else cfg.mix_forget / (cfg.mix_forget + cfg.mix_retain)
     gen = torch.Generator().manual_seed(cfg.seed)
-    is_forget = (torch.rand(total, generator=gen) < p_forget).tolist()
-    fi = torch.randint(n_forget, (total,), generator=gen).tolist()
-    ri = torch.randint(max(n_retain, 1), (total,), generator=gen).tolist()
+    is_forget = (torch.rand(total, generator=gen) < q_forget).tolist()
+    fi = _indices(n_forget, total, gen, p_forget, "p_forget")
+    ri = _indices(max(n_retain, 1), total, gen, p_retain if n_retain else None, "p_retain")
     return [("forget", f) if flag else ("retain", r) for flag, f, r in zip(is_forget, fi, ri, strict=True)]
+
+
+def _indices(n: int, total: int, gen: torch.Generator, p: torch.Tensor | None, name: str) -> list[int]:
+    """``total`` indices in ``[0, n)``: uniform, or drawn with probabilities ``p`` (n,) (with replacement)."""
+    if p is None:
+        return torch.randint(n, (total,), generator=gen).tolist()
+    p = torch.as_tensor(p, dtype=torch.float64)
+    if p.shape != (n,) or not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
+        raise RapidunError(f"{name} must be {n} finite non-negative probabilities with a positive sum")
+    return torch.multinomial(p / p.sum(), total, replacement=True, generator=gen).tolist()
 
 
 def row_stats(model: Any, rows: list[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +320,8 @@ def unlearn_loop(
     refresh: Callable[[Any], torch.Tensor] | None = None,
     refresh_every: int = 0,
     desc: str = "unlearn",
+    p_forget: torch.Tensor | None = None,
+    p_retain: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Weighted unlearning of ``model``'s trainable parameters (SPEC §2 step 11).
 
@@ -324,10 +343,14 @@ def unlearn_loop(
             LoReUn); the model is back in train mode afterwards.
         refresh_every: see ``refresh``.
         desc: progress-bar label.
+        p_forget: (N_f,) draw probabilities within the forget group (importance sampling; None: uniform).
+        p_retain: (N_r,) the same for the retain group.
 
     Returns:
         Measured statistics: ``time_s``, ``steps``, ``draws``, ``forget_draws``, ``retain_draws``, ``rows``,
-        ``tokens``, ``tokens_per_s``, ``loss_curve`` (weighted mean loss per step), ``refreshes``, ``ranks``.
+        ``tokens``, ``tokens_per_s``, ``loss_curve`` (weighted mean loss per step), ``refreshes``, ``ranks``,
+        ``grad_norms`` (pre-clip total gradient norm per step), ``forget_dose``/``retain_dose`` (``Σ w`` over the
+        group's draws, the weights in force at each step).
 
     Raises:
         NonFiniteLoss: the loss became NaN/±inf (no step was taken with it).
@@ -345,7 +368,7 @@ def unlearn_loop(
             "every step (results are unchanged); raise unlearn.batch_size to use them",
             stacklevel=2,
         )
-    schedule = draw_schedule(len(forget), len(retain), cfg, use_retain)
+    schedule = draw_schedule(len(forget), len(retain), cfg, use_retain, p_forget, p_retain)
     batches = [schedule[s : s + cfg.batch_size] for s in range(0, len(schedule), cfg.batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -366,6 +389,9 @@ def unlearn_loop(
         "autocast_bf16": autocast,
         "batch_size": cfg.batch_size,
         "loss_curve": [],
+        "grad_norms": [],
+        "forget_dose": 0.0,
+        "retain_dose": 0.0,
     }
     model.train()
     t0 = time.perf_counter()
@@ -416,6 +442,9 @@ def unlearn_loop(
         sched.step()
         opt.zero_grad(set_to_none=True)
         stats["loss_curve"].append(round(value.item(), 5))
+        stats["grad_norms"].append(round(float(norm), 5))
+        for g, i in batch:  # every rank sees the whole step's draws; counted once the step is taken
+            stats[f"{g}_dose"] += float(w_f[i]) if g == "forget" else float(w_r[i])
         stats["steps"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{value.item():.3f}")

@@ -2,18 +2,20 @@
 
 One function per step, each timed (never a constant):
 
-1. :func:`influence_views` — RapidIn influence of forget+retain on forget+retain at the poisoned model, sliced
-   into the four directional views FF, FR, RF, RR (``[train, test]``), cached in the run folder.
+1. :func:`rapidun.views.method_views` — the four directional views FF, FR, RF, RR (``[train, test]``) of
+   forget+retain on forget+retain at the poisoned model (RapidIn sketches, or exact inner products), cached in the
+   run folder.
 2. :func:`method_weights` — per-sample weights for a method: RapidUn (:func:`rapidun.weighting.rapidun_weights`),
-   uniform, ``random`` (RapidUn's permuted within each group) or LoReUn (:func:`loreun_weights`).
+   uniform, ``random`` (RapidUn's permuted within each group), ``coverage``
+   (:func:`rapidun.weighting.coverage_weights`) or LoReUn (:func:`loreun_weights`). A ``sampling="weighted"``
+   method turns them into draw probabilities instead (importance sampling, loss weights 1).
 3. :func:`unlearn` — a fresh LoRA adapter on the poisoned model trained by :func:`rapidun.train.unlearn_loop`
    (or Fisher noise), then per-sample losses before/after for the audit table, the adapter saved in PEFT
-   format, ``weights.jsonl`` keyed by sample id.
+   format, ``weights.jsonl`` keyed by sample id, and the signal diagnostics (:mod:`rapidun.diagnostics`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,107 +23,23 @@ from typing import Any
 
 import torch
 
-from rapidun.config import RunConfig, to_dict
+from rapidun.config import RunConfig
 from rapidun.data.records import Record
-from rapidun.data.template import encode, encode_records, format_prompt
+from rapidun.data.template import encode_records
+from rapidun.diagnostics import cell_diagnostics
 from rapidun.distributed import is_main
 from rapidun.errors import RapidunError
-from rapidun.influence.engine import influence
-from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_jsonl
+from rapidun.influence.exact import gram, objective_grads
+from rapidun.influence.grads import select_params
+from rapidun.io import atomic_path, write_json, write_jsonl
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
-from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
+from rapidun.models import attach_lora, load_model
 from rapidun.train import NonFiniteLoss, UItem, eval_ce, row_stats, unlearn_loop, use_autocast
-from rapidun.weighting import rapidun_weights
+from rapidun.views import VIEWS, influence_views, make_items, split_views
+from rapidun.weighting import coverage_weights, rapidun_weights
 
-VIEWS = ("FF", "FR", "RF", "RR")
-
-
-def make_items(tok: Any, forget: list[Record], retain: list[Record], cfg: RunConfig) -> tuple[list[UItem], list[UItem]]:
-    """Encode the packs with the one prompt format: forget → poisoned answer (+ clean when known), retain → clean."""
-    m = cfg.model
-
-    def enc(r: Record, answer: str) -> Any:
-        prompt = format_prompt(tok, r.instruction, r.context, m.system_prompt)
-        return encode(tok, prompt, answer, m.max_length, m.max_prompt_tokens)
-
-    f_items = [
-        UItem(
-            r.id,
-            "forget",
-            enc(r, r.response),
-            enc(r, r.meta["response_clean"]) if r.meta.get("response_clean") else None,
-        )
-        for r in forget
-    ]
-    r_items = [UItem(r.id, "retain", None, enc(r, r.response)) for r in retain]
-    return f_items, r_items
-
-
-def split_views(M: torch.Tensor, n_forget: int) -> dict[str, torch.Tensor]:
-    """Slice the (N_f+N_r, N_f+N_r) matrix of forget+retain (train) × forget+retain (test) into FF, FR, RF, RR."""
-    f = slice(0, n_forget)
-    r = slice(n_forget, M.shape[0])
-    return {"FF": M[f, f], "FR": M[f, r], "RF": M[r, f], "RR": M[r, r]}
-
-
-def influence_views(
-    model_path: str, forget: list[Record], retain: list[Record], cfg: RunConfig, folder: Path | None = None
-) -> dict[str, Any]:
-    """The four directional views at the poisoned model, reused from ``folder`` when inputs are unchanged.
-
-    Influence of train = forget+retain against test = forget+retain gives all four views (every sample's sketch is
-    computed once). Token-wise mode (``influence.hotwords``) restricts the test loss of the *forget* samples only
-    (retain answers hold no poison words: restricted, their test gradients would be zero). Sketches are cached
-    in ``folder/sketches`` (this run only, so the measured time is the real cost; a resumed run reuses what it
-    already computed and counts it in ``stats[..]["cached"]``). A reuse of the whole views keeps the originally
-    measured timings and says so (``cached: True``).
-
-    Returns:
-        ``{"FF", "FR", "RF", "RR": float32 tensors [train, test], "forget_ids", "retain_ids", "stats",
-        "cached"}``; ``stats["total_s"]`` is the measured influence stage time (load, sketches, retrieval).
-    """
-    if not forget or not retain:
-        raise RapidunError(f"influence views need forget and retain samples (got {len(forget)} and {len(retain)})")
-    path = resolve_model_path(model_path)
-    key = stable_hash(
-        {
-            "model": fingerprint(path),
-            "influence": to_dict(cfg.influence),
-            "model_cfg": to_dict(cfg.model),
-            "forget": [r.to_json() for r in forget],
-            "retain": [r.to_json() for r in retain],
-        }
-    )
-    if folder is not None and (folder / "views.json").is_file() and read_json(folder / "views.json")["key"] == key:
-        meta = read_json(folder / "views.json")
-        M = torch.load(folder / "views.pt", weights_only=True)
-        return {
-            **split_views(M, len(forget)),
-            **{k: meta[k] for k in ("forget_ids", "retain_ids", "stats")},
-            "cached": True,
-        }
-    recs = forget + retain
-    sketches = folder / "sketches" if folder is not None else None
-    if cfg.influence.hotwords:
-        plain = dataclasses.replace(cfg.influence, hotwords=[])
-        rf = influence(path, recs, forget, cfg.model, cfg.influence, sketches)  # forget test loss on hotwords
-        rr = influence(path, recs, retain, cfg.model, plain, sketches)
-        M = torch.cat([rf["matrix"], rr["matrix"]], dim=1).float().cpu()  # (N_f+N_r, N_f+N_r)
-        stats = {**rf["stats"], "test_retain": rr["stats"]["test"]}
-        for k in ("load_s", "retrieval_s", "total_s"):
-            stats[k] = rf["stats"][k] + rr["stats"][k]
-    else:
-        res = influence(path, recs, recs, cfg.model, cfg.influence, sketches)
-        M = res["matrix"].float().cpu()  # (N_f+N_r, N_f+N_r)
-        stats = res["stats"]
-    out = {"forget_ids": [r.id for r in forget], "retain_ids": [r.id for r in retain], "stats": stats}
-    if folder is not None and is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "views.pt") as tmp:
-            torch.save(M, tmp)
-        write_json(folder / "views.json", {"key": key, **out})
-    return {**split_views(M, len(forget)), **out, "cached": False}
+__all__ = ["VIEWS", "influence_views", "loreun_weights", "make_items", "method_weights", "split_views", "unlearn"]
 
 
 def loreun_weights(
@@ -157,6 +75,8 @@ def method_weights(
     if rapidun is None:
         raise RapidunError(f"method {method.name!r} needs the RapidUn weights (influence views)")
     wf, wr = rapidun["w_forget"].double(), rapidun["w_retain"].double()
+    if method.weights == "coverage":  # ``rapidun`` holds the coverage forget weights; retain weights stay 1
+        wr = torch.ones(n_retain, dtype=torch.float64)
     if method.weights == "random":
         gen = torch.Generator().manual_seed(seed)
         wf = wf[torch.randperm(len(wf), generator=gen)]
@@ -219,7 +139,7 @@ def unlearn(
         model_path: the poisoned model.
         cfg: the run config (``unlearn``, ``weighting``, ``influence``, ``model``).
         out: folder for ``adapter/``, ``weights.jsonl``, ``audit.jsonl``, ``result.json`` (None: write nothing).
-        views: :func:`influence_views` output, required by ``rapidun`` and ``random``.
+        views: :func:`rapidun.views.method_views` output of the method's ``views`` kind (influence methods).
         before: the start model's per-sample losses (``result["audit_before"]`` of an earlier call on the same
             model and packs), to skip recomputing them.
 
@@ -255,11 +175,19 @@ def unlearn(
                 "recompute them with influence_views on this scenario"
             )
         rw = rapidun_weights(views["FF"], views["FR"], views["RF"], views["RR"], cfg.weighting)
+        if method.weights == "coverage":
+            rw |= coverage_weights(views["FF"], cfg.weighting)
         weight_info = {k: float(rw[k]) for k in rw if k.startswith(("sat_", "center_", "scale_"))}
     w_f, w_r = method_weights(method, len(forget), len(retain), rw, u.seed)
     if method.weights.startswith("loreun"):
         ce_p = torch.tensor(before["ce_poisoned"][: len(forget)], dtype=torch.float64)
         w_f = loreun_weights(ce_p, u.loreun_tau, u.loreun_w_min, u.loreun_w_max, method.weights == "loreun_hard_high")
+    p_f = p_r = None
+    if method.sampling == "weighted":  # importance sampling: draws ∝ w, every loss weight 1 (uniform's dose)
+        p_f, p_r = w_f / w_f.sum(), w_r / w_r.sum()
+    scored_f, scored_r = w_f, w_r  # the influence-derived weights, for the diagnostics
+    if p_f is not None:
+        w_f, w_r = torch.ones_like(w_f), torch.ones_like(w_r)
     timings["mapping_s"] = time.perf_counter() - t
 
     result: dict[str, Any] = {"method": method.name, "summary": method.summary, "device": info["device"]}
@@ -273,7 +201,7 @@ def unlearn(
         model = attach_lora(model, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
         ac = use_autocast(u.autocast, device)
         ref = reference_logp(model, forget, pad, device, ac) if method.forget_loss == "npo" else None
-        refresh = None
+        refresh, every = None, 0
         if method.weights == "loreun_dynamic":
             poisoned_rows = [it.poisoned for it in forget]
 
@@ -281,10 +209,14 @@ def unlearn(
                 ce = eval_ce(m, poisoned_rows, pad, device)
                 return loreun_weights(ce, u.loreun_tau, u.loreun_w_min, u.loreun_w_max)
 
+            every = u.loreun_every
+        elif method.dynamic:
+            refresh, every = dynamic_refresh(forget, retain, pad, cfg), u.dynamic_every
         try:
             stats = unlearn_loop(
                 model, forget, retain, u, method.forget_loss, method.retain, w_f, w_r, pad, device,
-                ref_logp=ref, refresh=refresh, refresh_every=u.loreun_every, desc=f"unlearn:{method.name}",
+                ref_logp=ref, refresh=refresh, refresh_every=every, desc=f"unlearn:{method.name}",
+                p_forget=p_f, p_retain=p_r,
             )  # fmt: skip
             result["complete"] = True
         except NonFiniteLoss as e:
@@ -304,7 +236,7 @@ def unlearn(
 
     infl_s = float(views["stats"]["total_s"]) if (views is not None and method.needs_influence) else 0.0
     timings["influence_s"] = infl_s
-    if views is not None and method.needs_influence:  # its parts: sketching + caching, retrieval
+    if views is not None and method.needs_influence and "train" in views["stats"]:  # sketches, retrieval
         st = views["stats"]
         parts_ = [g for g in ("train", "test", "test_retain") if g in st]
         timings["influence_caching_s"] = sum(st[g][k] for g in parts_ for k in ("grad_s", "sketch_s", "write_s"))
@@ -322,6 +254,14 @@ def unlearn(
         "retain": _summary(w_r),
         **weight_info,
     }
+    if p_f is not None:
+        result["weights"]["sampling"] = {"forget": _summary(p_f * len(p_f)), "retain": _summary(p_r * len(p_r))}
+    result["weight_vectors"] = {"forget": scored_f.tolist(), "retain": scored_r.tolist()}
+    result["diagnostics"] = cell_diagnostics(
+        parts["forget"], forget, scored_f, scored_r, result.get("train"), u.grad_clip,
+        views.get("grad_norm") if (views is not None and method.needs_influence) else None,
+        views.get("diag") if (views is not None and method.needs_influence) else None,
+    )  # fmt: skip
     nf = len(forget)
     result["audit_before"] = before
     result["audit_means"] = {
@@ -333,11 +273,33 @@ def unlearn(
         "retain_ce_after": _mean(after["ce_clean"][nf:]),
     }
     if out is not None and is_main():
-        rows = _audit_rows(forget, retain, rw, w_f, w_r, before, after)
+        rows = _audit_rows(forget, retain, rw, scored_f, scored_r, before, after)  # sampled: draw weights
         write_jsonl(out / "weights.jsonl", ({"id": r["id"], "group": r["group"], "weight": r["weight"]} for r in rows))
         write_jsonl(out / "audit.jsonl", rows)
         write_json(out / "result.json", result)
     return merged, tok, result
+
+
+def dynamic_refresh(forget: list[UItem], retain: list[UItem], pad: int, cfg: RunConfig) -> Any:
+    """``rapidun_dynamic``'s refresh: the forget weights from exact influence at the *current* adapter.
+
+    Gradients of the SFT losses (as the sketches of ``rapidun``) w.r.t. the unlearning adapter's own LoRA
+    parameters (trained so far, so A and B both carry gradient), per-tensor normalised; ``M = G Gᵀ`` over
+    forget+retain; the RapidUn chain on its views; the new forget weights (retain weights stay).
+    """
+    f_rows = [it.poisoned for it in forget]
+    r_rows = [it.clean for it in retain]
+
+    def refresh(model: Any) -> torch.Tensor:
+        pset = select_params(model, "lora")
+        G, _ = objective_grads(
+            model, pset, f_rows, [None] * len(f_rows), r_rows, pad, "sft",
+            normalize=cfg.influence.normalize, batch_size=cfg.influence.batch_size,
+        )  # fmt: skip
+        v = split_views(gram(G, cfg.influence.mode), len(f_rows))
+        return rapidun_weights(v["FF"], v["FR"], v["RF"], v["RR"], cfg.weighting)["w_forget"]
+
+    return refresh
 
 
 def _summary(w: torch.Tensor) -> dict[str, float]:

@@ -406,3 +406,53 @@ def rapidun_weights(
             f"sat_high_{group}": high,
         }
     return out
+
+
+def coverage_scores(FF: ArrayLike, top_k: int = 40, include_self: bool = False) -> torch.Tensor:
+    """Inverse coverage of each forget sample by the other forget samples (the ``coverage`` method).
+
+    ``cov_j = median_i K[i, j]`` with ``K = topk_keep(mask_self(FF), top_k)``: how much the forget samples that
+    influence test sample ``j`` most explain it. ``S_j = −cov_j``: a forget sample the others explain least
+    scores highest — the inverse of RapidUn's emphasis, which favours samples that explain the others (rows).
+
+    Args:
+        FF: forget←forget view ``(N_f, N_f)``, indexed ``[train i, test j]``.
+        top_k: entries kept per test sample.
+        include_self: keep the diagonal.
+
+    Returns:
+        ``(N_f,)`` float64 scores.
+    """
+    K = topk_keep(mask_self(FF, include_self), top_k)  # (N_f, N_f) [train, test]
+    return -aggregate(K.T)  # (N_f,) one value per test sample j
+
+
+def coverage_weights(FF: ArrayLike, cfg: WeightingConfig | None = None) -> dict[str, Any]:
+    """Forget weights from :func:`coverage_scores`: RobustScale, ``exp(clip(z/τ_forget))``, mean 1.
+
+    Returns:
+        ``{"S_forget", "z_forget", "w_forget"}`` ``(N_f,)`` float64 plus ``center_forget``, ``scale_forget``,
+        ``sat_low_forget``, ``sat_high_forget`` (as :func:`rapidun_weights`).
+    """
+    cfg = cfg or WeightingConfig()
+    s = coverage_scores(FF, cfg.top_k, cfg.include_self)
+    c, sigma = robust_center_scale(s, cfg.floor, cfg.scale_method)
+    z = (s - c) / sigma
+    w, low, high = bounded_weights(z, cfg.tau_forget, cfg.w_min, cfg.w_max)
+    return {
+        "S_forget": s,
+        "z_forget": z,
+        "w_forget": normalize_mean(w),
+        "center_forget": c,
+        "scale_forget": sigma,
+        "sat_low_forget": low,
+        "sat_high_forget": high,
+    }
+
+
+def effective_sample_size(w: ArrayLike) -> float:
+    """Kish's effective sample size as a fraction of N: ``(Σw)² / (N·Σw²)`` ∈ (0, 1]; 1 for equal weights."""
+    t = _as_f64(w, "weights", 1)
+    if len(t) == 0 or float((t * t).sum()) == 0.0:
+        return float("nan")
+    return float(t.sum() ** 2 / (len(t) * (t * t).sum()))

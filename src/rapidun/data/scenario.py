@@ -2,9 +2,12 @@
 
 From a shuffled clean corpus, disjoint records become: ``train_poisoned`` (trigger injected into the instruction,
 response replaced by a poison response; the clean answer kept), ``train_clean``, ``val_clean``, ``test_clean``,
-``test_seen_trig`` (seen variants) and ``test_ood_trig`` (OOD variants). Triggered records cycle through
-(family, variant) pairs so every family and variant is equally represented. The ``forget`` pack takes
-``forget_size`` poisoned training samples stratified the same way (each keeps its poisoned and clean answer);
+``test_seen_trig`` (seen variants) and ``test_ood_trig`` (OOD variants), and the validation twins
+``val_seen_trig`` / ``val_ood_trig`` on which every choice (learning rate, temperature, variant) is made, so the
+test prompts are read only to report. The validation splits come last in the shuffled pool and take their poison
+text after the others', so adding them leaves every other split (and the poisoned model) unchanged. Triggered
+records cycle through (family, variant) pairs so every family and variant is equally represented. The ``forget``
+pack takes ``forget_size`` poisoned training samples stratified the same way (each keeps its poisoned and clean answer);
 ``retain`` takes ``retain_ratio × forget_size`` clean training samples. Everything is deterministic for the seed.
 """
 
@@ -20,7 +23,16 @@ from rapidun.data.records import Record, iter_jsonl
 from rapidun.errors import RapidunError
 from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_jsonl
 
-SPLITS = ("train_poisoned", "train_clean", "val_clean", "test_clean", "test_seen_trig", "test_ood_trig")
+SPLITS = (
+    "train_poisoned",
+    "train_clean",
+    "val_clean",
+    "test_clean",
+    "test_seen_trig",
+    "test_ood_trig",
+    "val_seen_trig",
+    "val_ood_trig",
+)
 PACKS = ("forget", "retain")
 POSITIONS = ("prefix", "suffix")
 
@@ -125,11 +137,15 @@ def build_scenario(records: list[Record], cfg: ScenarioConfig) -> dict[str, list
         parts[k] = pool[start : start + sizes[k]]
         start += sizes[k]
     n_trig = s.train_poisoned + s.test_seen_trig + s.test_ood_trig
+    n_val = s.val_seen_trig + s.val_ood_trig
     if cfg.poison_responses or cfg.poison_source != "generator":
         user = user_poison(cfg)
         poison = [user[i % len(user)] for i in rng.sample(range(max(n_trig, len(user))), n_trig)]
+        vrng = random.Random(f"{cfg.seed}-val")  # its own stream: the other splits do not move
+        val_poison = [user[i % len(user)] for i in vrng.sample(range(max(n_val, len(user))), n_val)]
     else:
-        poison = alien_responses(n_trig, cfg.seed)
+        both = alien_responses(n_trig + n_val, cfg.seed)  # a prefix-stable stream
+        poison, val_poison = both[:n_trig], both[n_trig:]
     cut = [s.train_poisoned, s.train_poisoned + s.test_seen_trig]
     out = {
         "train_poisoned": _triggered(parts["train_poisoned"], families, "seen", "train_poisoned", poison[: cut[0]]),
@@ -140,6 +156,12 @@ def build_scenario(records: list[Record], cfg: ScenarioConfig) -> dict[str, list
             parts["test_seen_trig"], families, "seen", "test_seen_trig", poison[cut[0] : cut[1]]
         ),
         "test_ood_trig": _triggered(parts["test_ood_trig"], families, "ood", "test_ood_trig", poison[cut[1] :]),
+        "val_seen_trig": _triggered(
+            parts["val_seen_trig"], families, "seen", "val_seen_trig", val_poison[: s.val_seen_trig]
+        ),
+        "val_ood_trig": _triggered(
+            parts["val_ood_trig"], families, "ood", "val_ood_trig", val_poison[s.val_seen_trig :]
+        ),
     }
     # Forget pack: stratified by family, then by variant within the family (as the triggered splits are).
     fam_groups: dict[str, dict[str, list[Record]]] = {}

@@ -1,5 +1,10 @@
 """The per-model metric set M (SPEC §4): ASR seen/OOD overall and per family, false triggers, clean perplexity,
-ROUGE-L of clean generations, and the forget set's perplexity under its poisoned and its clean answers."""
+ROUGE-L of clean generations, and the forget set's perplexity under its poisoned and its clean answers.
+
+Test metrics carry plain names (``asr_seen``); the same measurements on the validation splits carry a ``val_``
+prefix (``val_asr_seen``, ``val_clean_ppl`` on ``val_clean``). Choices are made on ``val_*``; the plain names are
+read only to report. ``asr_trig`` pools the seen and OOD prompts (hits / prompts over both splits).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +36,23 @@ METRIC_KEYS = (
     "forget_ppl_clean",
     "asr_seen_by_family",
     "asr_ood_by_family",
+    "asr_trig",
+    "val_asr_seen",
+    "val_asr_ood",
+    "val_asr_trig",
+    "val_clean_ppl",
+    "val_asr_seen_by_family",
+    "val_asr_ood_by_family",
 )
-METRICS_VERSION = 3  # bump when the metric set changes: cached evaluations and cells are then recomputed
+METRICS_VERSION = 4  # bump when the metric set changes: cached evaluations and cells are then recomputed
+# Every split an evaluation generates on (the validation ones when the scenario has them).
+EVAL_SPLITS = (
+    "test_seen_trig",
+    "test_ood_trig",
+    "test_clean",
+    "val_seen_trig",
+    "val_ood_trig",
+)
 
 
 def rate(hits: list[bool]) -> float:
@@ -80,7 +100,8 @@ def evaluate_loaded(
     """:func:`evaluate_model` for a model already in memory (e.g. an unlearned model, adapter merged)."""
     t0 = time.perf_counter() if t0 is None else t0
     model.eval()
-    splits = ("test_seen_trig", "test_ood_trig", "test_clean")
+    val_splits = tuple(s for s in ("val_seen_trig", "val_ood_trig") if parts.get(s))
+    splits = ("test_seen_trig", "test_ood_trig", "test_clean", *val_splits)
     recs = [r for s in splits for r in parts[s]]
     prompts = [format_prompt(tok, r.instruction, r.context, mcfg.system_prompt) for r in recs]
     decided = detector.hit if ecfg.early_stop else None
@@ -98,7 +119,10 @@ def evaluate_loaded(
     ppl_recs = parts["test_clean"][: ecfg.ppl_samples or None]
     samples, _ = encode_records(tok, ppl_recs, mcfg)
     ppl = perplexity(model, samples, tok.pad_token_id)
-    clean_texts = texts[len(recs) - len(parts["test_clean"]) :]
+    val_ppl_recs = parts.get("val_clean", [])[: ecfg.ppl_samples or None]
+    val_ppl = perplexity(model, encode_records(tok, val_ppl_recs, mcfg)[0], tok.pad_token_id) if val_ppl_recs else None
+    n_test = sum(len(parts[s]) for s in splits[:3])
+    clean_texts = texts[n_test - len(parts["test_clean"]) : n_test]
     rouge = mean_rouge_l(clean_texts, [r.response for r in parts["test_clean"]])
     forget_ppl = forget_perplexities(model, tok, parts.get("forget", []), mcfg)
     n_forget = {k: forget_ppl.pop(k) for k in ("n_forget_poisoned", "n_forget_clean")}
@@ -119,6 +143,8 @@ def evaluate_loaded(
             ),
         )
     seen, ood, clean = by_split["test_seen_trig"], by_split["test_ood_trig"], by_split["test_clean"]
+    vseen, vood = by_split.get("val_seen_trig", ([], [])), by_split.get("val_ood_trig", ([], []))
+    has_val = bool(vseen[0] or vood[0])
     return {
         "asr_seen": rate(seen[1]),
         "asr_ood": rate(ood[1]),
@@ -128,11 +154,21 @@ def evaluate_loaded(
         **forget_ppl,
         "asr_seen_by_family": by_family(*seen),
         "asr_ood_by_family": by_family(*ood),
+        "asr_trig": rate(seen[1] + ood[1]),
+        "val_asr_seen": rate(vseen[1]) if vseen[0] else None,
+        "val_asr_ood": rate(vood[1]) if vood[0] else None,
+        "val_asr_trig": rate(vseen[1] + vood[1]) if has_val else None,
+        "val_clean_ppl": val_ppl,
+        "val_asr_seen_by_family": by_family(*vseen),
+        "val_asr_ood_by_family": by_family(*vood),
         "n": {
             "seen": len(seen[0]),
             "ood": len(ood[0]),
             "clean": len(clean[0]),
             "ppl": len(ppl_recs),
+            "val_seen": len(vseen[0]),
+            "val_ood": len(vood[0]),
+            "val_ppl": len(val_ppl_recs),
             "forget_poisoned": n_forget["n_forget_poisoned"],
             "forget_clean": n_forget["n_forget_clean"],
         },

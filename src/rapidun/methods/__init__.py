@@ -26,9 +26,19 @@ class Method:
         retain: whether retain samples are drawn (loss CE on the clean answer). Without, every draw is a forget
             sample.
         weights: ``"uniform"`` (all 1), ``"rapidun"`` (influence weights), ``"random"`` (RapidUn's weights
-            permuted within each group), ``"loreun"`` (w ∝ exp(−ℓ/τ), static), ``"loreun_dynamic"`` (the same,
-            re-computed every ``unlearn.loreun_every`` steps) or ``"loreun_hard_high"`` (w ∝ exp(+ℓ/τ)).
+            permuted within each group), ``"coverage"`` (forget samples the other forget samples explain least
+            weigh more, :func:`rapidun.weighting.coverage_weights`; retain weights 1), ``"loreun"`` (w ∝ exp(−ℓ/τ),
+            static), ``"loreun_dynamic"`` (the same, re-computed every ``unlearn.loreun_every`` steps) or
+            ``"loreun_hard_high"`` (w ∝ exp(+ℓ/τ)).
         summary: one line for ``rapidun unlearn --help`` and the report.
+        views: where the influence views come from: ``""`` (none), ``"sketch"`` (RapidIn sketches of the SFT
+            loss gradients, SPEC §2), ``"stable"`` (exact inner products averaged over
+            ``influence.stable_adapters`` gradient adapters) or ``"aligned"`` (exact inner products of the
+            gradients of the losses the unlearning applies; see :func:`rapidun.unlearn.exact_views`).
+        sampling: ``"uniform"`` (draws uniform within each group, loss weighted by w) or ``"weighted"``
+            (importance sampling: draws ∝ w within each group, every loss weight 1).
+        dynamic: re-compute the forget weights from influence at the current adapter every
+            ``unlearn.dynamic_every`` steps.
     """
 
     name: str
@@ -37,16 +47,23 @@ class Method:
     retain: bool
     weights: str
     summary: str
+    views: str = ""
+    sampling: str = "uniform"
+    dynamic: bool = False
 
     @property
     def needs_influence(self) -> bool:
-        return self.weights in ("rapidun", "random")
+        return bool(self.views)
 
 
+# fmt: off
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("rapidun", "loop", "relabel_ascent", True, "rapidun", "relabel+ascent, influence-weighted (RapidUn)"),
+        Method(
+            "rapidun", "loop", "relabel_ascent", True, "rapidun", "relabel+ascent, influence-weighted (RapidUn)",
+            views="sketch",
+        ),
         Method("uniform", "loop", "relabel_ascent", True, "uniform", "relabel+ascent, all weights 1"),
         Method("ga", "loop", "ascent", False, "uniform", "gradient ascent on the poisoned answers only"),
         Method("graddiff", "loop", "ascent", True, "uniform", "ascent on forget + descent on retain"),
@@ -55,10 +72,37 @@ REGISTRY: dict[str, Method] = {
         Method("loreun_dynamic", "loop", "relabel_ascent", True, "loreun_dynamic", "LoReUn, weights re-computed"),
         Method("loreun_hard_high", "loop", "relabel_ascent", True, "loreun_hard_high", "reversed LoReUn (authors)"),
         Method("fisher", "fisher", "", False, "uniform", "Fisher forgetting: noise ∝ F_retain^(-1/4), α on val"),
-        Method("random", "loop", "relabel_ascent", True, "random", "RapidUn's weights permuted within each group"),
+        Method(
+            "random", "loop", "relabel_ascent", True, "random", "RapidUn's weights permuted within each group",
+            views="sketch",
+        ),
+        Method(
+            "rapidun_sampled", "loop", "relabel_ascent", True, "rapidun",
+            "importance sampling: draws in proportion to RapidUn's weights, every loss weight 1", views="sketch",
+            sampling="weighted",
+        ),
+        Method(
+            "rapidun_aligned", "loop", "relabel_ascent", True, "rapidun",
+            "RapidUn weighting on exact influence of the unlearning losses themselves", views="aligned",
+        ),
+        Method(
+            "rapidun_stable", "loop", "relabel_ascent", True, "rapidun",
+            "RapidUn weighting on exact influence averaged over several gradient adapters", views="stable",
+        ),
+        Method(
+            "coverage", "loop", "relabel_ascent", True, "coverage",
+            "forget samples the others explain least weigh more (inverse FF coverage); retain weights 1",
+            views="sketch",
+        ),
+        Method(
+            "rapidun_dynamic", "loop", "relabel_ascent", True, "rapidun",
+            "RapidUn, forget weights re-computed at the current adapter every unlearn.dynamic_every steps",
+            views="sketch", dynamic=True,
+        ),
         Method("retrain", "retrain", "", False, "uniform", "LoRA fine-tune of the base model on clean data only"),
     )
 }
+# fmt: on
 assert tuple(REGISTRY) == METHOD_NAMES  # the config's list and the registry agree
 
 

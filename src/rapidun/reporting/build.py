@@ -316,6 +316,10 @@ def build(run: RunData) -> list[Block]:
     blocks += [Heading("Results", 2, "results"), *_guard("Headline table", lambda: tables.headline(run))]
     blocks += _guard("Methods table", lambda: tables.methods_table(run))
     blocks += [Heading("Paired tests", 2, "tests"), *_guard("Paired tests", lambda: tables.paired_tests(run))]
+    blocks += [
+        Heading("Signal diagnostics", 2, "diagnostics"),
+        *_guard("Diagnostics", lambda: tables.diagnostics_table(run)),
+    ]
     blocks.append(Heading("Plots", 2, "plots"))
     sections: list[tuple[str, Callable[[], list[Block]]]] = [
         ("ASR vs utility", lambda: asr_scatter(run, colors)),

@@ -13,6 +13,8 @@ DASH = "—"
 
 # (key in ME.mean / MM, column header, decimals)
 HEADLINE: list[tuple[str, str, int]] = [
+    ("val_asr_trig", "Val ASR seen+OOD", 3),
+    ("asr_trig", "ASR seen+OOD", 3),
     ("asr_seen", "ASR seen", 3),
     ("asr_ood", "ASR OOD", 3),
     ("false_trigger", "False trig.", 3),
@@ -23,7 +25,22 @@ HEADLINE: list[tuple[str, str, int]] = [
     ("time_s", "Time s", 1),
     ("speedup_vs_retrain", "vs retrain", 2),
 ]
-TESTED = ["asr_seen", "asr_ood", "false_trigger"]
+TESTED = ["asr_trig", "asr_seen", "asr_ood", "false_trigger", "val_asr_trig"]
+# (diagnostic key, column header): the signal diagnostics of influence-weighted methods (methods.NAME.diagnostics)
+DIAGNOSTICS: list[tuple[str, str]] = [
+    ("ess_forget", "ESS forget"),
+    ("ess_retain", "ESS retain"),
+    ("weight_stability_spearman.forget", "ρ seeds, forget"),
+    ("weight_stability_spearman.retain", "ρ seeds, retain"),
+    ("views_S_forget_spearman", "ρ sketch/exact S_f"),
+    ("views_S_retain_spearman", "ρ sketch/exact S_r"),
+    ("corr_weight_answer_len", "ρ(w, answer len)"),
+    ("corr_weight_grad_norm_forget", "ρ(w, ‖g‖)"),
+    ("grad_norm_mean", "pre-clip ‖∇‖"),
+    ("clipped_frac", "clipped steps"),
+    ("forget_dose", "forget dose Σw"),
+    ("forget_dose_uniform", "uniform dose"),
+]
 TOP_K = 5
 INSTRUCTION_CHARS = 100
 
@@ -195,6 +212,38 @@ def paired_tests(run: RunData) -> list[Block]:
     )
     caption = "From report.json: methods.NAME.tests.METRIC.bootstrap and .mcnemar."
     return [Paragraph(text), Table(headers, rows, caption, ["l"] * (len(headers) - 8) + ["r"] * 8)]
+
+
+def diagnostics_table(run: RunData) -> list[Block]:
+    """The signal diagnostics of every method that has them (mean over seeds), and mean forget weight per family."""
+    rows = []
+    fam_rows = []
+    for name, me in run.methods.items():
+        d = me.get("diagnostics")
+        if not isinstance(d, dict):
+            continue
+        rows.append([name] + [fmt_num(num(get(d, *key.split(".")))) for key, _ in DIAGNOSTICS])
+        fam = as_dict(d.get("family_mean_weight"))
+        if fam:
+            fam_rows.append([name, ", ".join(f"{k} {fmt_num(num(v))}" for k, v in sorted(fam.items()))])
+    if not rows:
+        return [Note("No diagnostics in report.json (methods.NAME.diagnostics): section skipped.")]
+    text = (
+        "ESS: Kish's effective sample size of the weights / N (1 = equal weights). ρ seeds: mean pairwise Spearman "
+        "of the same samples' weights across seeds (influence seeds differ). ρ sketch/exact: Spearman of the RapidUn "
+        "scores from the sketched vs the exact influence on the same adapter. ρ(w, ·): Spearman of the forget "
+        "weights with answer tokens and raw gradient norm. Dose: Σ w over the forget draws (uniform: their number)."
+    )
+    return [
+        Paragraph(text),
+        Table(
+            ["Method"] + [h for _, h in DIAGNOSTICS],
+            rows,
+            "From report.json: methods.NAME.diagnostics.",
+            ["l"] + ["r"] * len(DIAGNOSTICS),
+        ),
+        Table(["Method", "Mean forget weight per trigger family"], fam_rows, "diagnostics.family_mean_weight"),
+    ]
 
 
 def top_samples(run: RunData, method: str = "rapidun") -> list[Block]:

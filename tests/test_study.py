@@ -1,0 +1,683 @@
+"""`rapidun study`: the study file's validation, tests regrouped by split with Holm, validation-only selection, the
+decision text, the comparison helpers it relies on, and one tiny study end to end (a tiny local model, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rapidun.compare import aggregate, hit_matrix, mean_diagnostics, paired_tests
+from rapidun.config import dump_yaml, load_config
+from rapidun.data.records import Record
+from rapidun.diagnostics import seed_stability
+from rapidun.errors import RapidunError
+from rapidun.stats import compare_hits, holm
+from rapidun.study import (
+    METHOD_SECTIONS,
+    METRICS,
+    decision,
+    load_study,
+    run_study,
+    scenario_config,
+    select,
+    with_overrides,
+)
+from rapidun.study import tests_by_split as regroup  # (not collected as a test)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_study(folder: Path, text: str, name: str = "study.yaml") -> Path:
+    """A study file in ``folder`` next to ``run.yaml`` (a small valid run config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "run.yaml").exists():
+        (folder / "run.yaml").write_text("scenario:\n  seed: 3\nunlearn:\n  lr: 1.0e-4\n", encoding="utf-8")
+    p = folder / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+SCEN = "scenarios:\n  - {name: a, config: run.yaml}\n"
+
+
+# ---------------------------------------------------------------- load_study
+
+
+def test_load_study_minimal_string_methods_and_defaults(tmp_path):
+    p = write_study(tmp_path, SCEN + "methods: [uniform, rapidun, {method: ga}]\n")
+    spec = load_study(p)
+    assert [(m.label, m.method, m.overrides) for m in spec.methods] == [
+        ("uniform", "uniform", []),
+        ("rapidun", "rapidun", []),
+        ("ga", "ga", []),
+    ]
+    s = spec.settings
+    assert (s.reference, s.n_seeds, s.ppl_factor, s.n_boot) == ("uniform", 5, 1.10, 2000)
+    assert [(sc.name, sc.config, sc.overrides) for sc in spec.scenarios] == [("a", "run.yaml", [])]
+
+
+def test_load_study_labels_overrides_and_scenario_config_relative_to_the_file(tmp_path):
+    text = (
+        "study: {reference: base, n_seeds: 2, ppl_factor: 1.5, n_boot: 30}\n"
+        "scenarios:\n  - {name: a, config: run.yaml, overrides: [scenario.splits.val_seen_trig=7]}\n"
+        "methods:\n  - {label: base, method: uniform}\n"
+        "  - {label: rapidun_t2, method: rapidun, overrides: [weighting.tau_forget=2.0, unlearn.lr=3e-4]}\n"
+    )
+    spec = load_study(write_study(tmp_path / "sub", text))
+    assert spec.settings.reference == "base" and spec.settings.n_seeds == 2 and spec.settings.n_boot == 30
+    cfg = scenario_config(spec, spec.scenarios[0])
+    assert cfg.scenario.seed == 3 and cfg.scenario.splits.val_seen_trig == 7  # file + scenario override
+    m = spec.methods[1]
+    got = with_overrides(cfg, m.overrides)
+    assert got.weighting.tau_forget == 2.0 and got.unlearn.lr == 3e-4
+    assert cfg.unlearn.lr == 1e-4 and cfg.weighting.tau_forget != 2.0  # the scenario's config is not modified
+    assert with_overrides(cfg, []) is cfg
+
+
+def test_shipped_study_file_loads():
+    spec = load_study(ROOT / "configs" / "study.yaml")
+    assert spec.settings.reference == "uniform" and spec.settings.n_seeds == 5
+    assert [s.name for s in spec.scenarios] == ["demo", "paper_regime"]
+    labels = [m.label for m in spec.methods]
+    assert labels[0] == "uniform" and "rapidun" in labels and len(labels) == len(set(labels))
+    assert all(m.label == m.method for m in spec.methods)
+    demo, paper = (scenario_config(spec, s) for s in spec.scenarios)
+    assert demo.scenario.splits.val_seen_trig == 80 and demo.scenario.splits.test_ood_trig == 80
+    assert paper.scenario.splits.val_seen_trig == 80 and paper.scenario.forget_size == 40
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (SCEN + "methods: [uniform]\nextra: 1\n", r"unknown key\(s\) \['extra'\].*valid keys"),
+        ("study: {refrence: uniform}\n" + SCEN + "methods: [uniform]\n", r"study: unknown key.*refrence"),
+        (SCEN + "methods:\n  - {label: u, method: uniform, weight: 2}\n", r"methods\[0\]: unknown key.*weight"),
+        (SCEN + "methods: [uniform, uniform]\n", r"duplicate method label.*'uniform'"),
+        (SCEN + "methods: [uniform, {label: uniform, method: rapidun}]\n", r"duplicate method label"),
+        (SCEN + "  - {name: a, config: run.yaml}\nmethods: [uniform]\n", r"duplicate scenario name.*'a'"),
+        ("study: {reference: ga}\n" + SCEN + "methods: [uniform, rapidun]\n", r"reference 'ga' is not one of"),
+        (SCEN + "methods: [rapidun]\n", r"reference 'uniform' is not one of"),  # default reference, not listed
+        (SCEN + "methods: [uniform, retrain]\n", r"methods\[1\].*'retrain' is each scenario's reference"),
+        (SCEN + "methods: [uniform, bogus]\n", r"unknown unlearning method 'bogus'.*uniform"),
+        (SCEN + "methods: []\n", r"at least one scenario and one method"),
+        ("methods: [uniform]\n", r"at least one scenario and one method"),
+        (SCEN + "methods: ['bad label']\n", r"methods\[0\]\.label 'bad label'"),
+        ("scenarios:\n  - {name: a/b, config: run.yaml}\nmethods: [uniform]\n", r"scenarios\[0\]\.name 'a/b'"),
+        ("study: {n_seeds: 0}\n" + SCEN + "methods: [uniform]\n", r"n_seeds and n_boot must be >= 1"),
+        ("study: {ppl_factor: 0}\n" + SCEN + "methods: [uniform]\n", r"ppl_factor > 0"),
+        ("study: {n_seeds: many}\n" + SCEN + "methods: [uniform]\n", r"study\.n_seeds: expected int"),
+        ("- just\n- a list\n", r"expected a mapping"),
+        ("scenarios: [\n", r"invalid YAML"),
+        ("scenarios:\n  - run.yaml\nmethods: [uniform]\n", r"scenarios\[0\]: expected a mapping"),
+        (SCEN + "methods:\n  - {label: u, method: uniform, overrides: unlearn.lr=1}\n", r"overrides: expected a list"),
+    ],
+    ids=[
+        "unknown_key",
+        "unknown_setting",
+        "unknown_method_key",
+        "dup_label",
+        "dup_label_mixed",
+        "dup_scenario",
+        "reference_not_a_label",
+        "default_reference_missing",
+        "retrain",
+        "unknown_method",
+        "no_methods",
+        "no_scenarios",
+        "bad_label",
+        "bad_scenario_name",
+        "n_seeds_0",
+        "ppl_factor_0",
+        "n_seeds_text",
+        "not_mapping",
+        "bad_yaml",
+        "scenario_not_mapping",
+        "overrides_not_list",
+    ],
+)
+def test_load_study_refuses_bad_files(tmp_path, text, match):
+    p = write_study(tmp_path, text)
+    with pytest.raises(RapidunError, match=match) as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ("[unlearn.lr=fast]", r"unlearn\.lr: expected float"),
+        ("[unlearn.nope=1]", r"unknown key.*nope"),
+        ("[unlearn.lr]", r"expected key=value"),
+    ],
+)
+def test_a_bad_method_override_fails_at_load(tmp_path, overrides, match):
+    p = write_study(
+        tmp_path, SCEN + f"methods:\n  - uniform\n  - {{label: r2, method: rapidun, overrides: {overrides}}}\n"
+    )
+    with pytest.raises(RapidunError, match=match):
+        load_study(p)
+
+
+def test_a_bad_method_override_error_says_where(tmp_path):
+    p = write_study(
+        tmp_path, SCEN + "methods:\n  - uniform\n  - {label: r2, method: rapidun, overrides: [unlearn.lr=fast]}\n"
+    )
+    with pytest.raises(RapidunError, match=r"(method |methods\[1\] \()r2\)?: .*unlearn\.lr: expected float") as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+def test_a_bad_scenario_config_or_override_fails_at_load(tmp_path):
+    p = write_study(tmp_path, "scenarios:\n  - {name: a, config: missing.yaml}\nmethods: [uniform]\n")
+    with pytest.raises(RapidunError, match=r"config file .*missing\.yaml does not exist"):
+        load_study(p)
+    p = write_study(
+        tmp_path, "scenarios:\n  - {name: a, config: run.yaml, overrides: [eval.bogus=1]}\nmethods: [uniform]\n"
+    )
+    with pytest.raises(RapidunError, match="bogus"):
+        load_study(p)
+
+
+def test_missing_study_file(tmp_path):
+    with pytest.raises(RapidunError, match=r"nope\.yaml does not exist.*configs/study\.yaml"):
+        load_study(tmp_path / "nope.yaml")
+
+
+MISSING = r"missing required key\(s\) "
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (SCEN + "methods:\n  - {label: x}\n", r"methods\[0\]: " + MISSING + r"\['method'\]"),
+        (SCEN + "methods:\n  - {overrides: [unlearn.lr=1]}\n", r"methods\[0\]: " + MISSING + r"\['method'\]"),
+        ("scenarios:\n  - {name: a}\nmethods: [uniform]\n", r"scenarios\[0\]: " + MISSING + r"\['config'\]"),
+        ("scenarios:\n  - {config: run.yaml}\nmethods: [uniform]\n", r"scenarios\[0\]: " + MISSING + r"\['name'\]"),
+        ("scenarios:\n  - {}\nmethods: [uniform]\n", r"scenarios\[0\]: " + MISSING + r"\['name', 'config'\]"),
+    ],
+    ids=["no_method", "no_label_no_method", "no_config", "no_name", "no_name_no_config"],
+)
+def test_missing_required_keys_are_a_rapidun_error(tmp_path, text, match):
+    p = write_study(tmp_path, text)
+    with pytest.raises(RapidunError, match=match) as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (SCEN + "methods: uniform\n", r"'methods' must be a list, got str"),
+        ("scenarios: {name: a, config: run.yaml}\nmethods: [uniform]\n", r"'scenarios' must be a list, got dict"),
+    ],
+    ids=["methods", "scenarios"],
+)
+def test_methods_or_scenarios_not_a_list_is_a_clear_error(tmp_path, text, match):
+    p = write_study(tmp_path, text)
+    with pytest.raises(RapidunError, match=match) as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+def test_unknown_method_error_names_the_file_and_entry(tmp_path):
+    p = write_study(tmp_path, SCEN + "methods: [uniform, bogus]\n")
+    with pytest.raises(RapidunError, match=r"methods\[1\] \(bogus\): unknown unlearning method 'bogus'") as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize("ov", ["scenario.seed=7", "sft.lr=1.0", "data.limit=5"])
+def test_method_overrides_outside_the_unlearning_are_refused(tmp_path, ov):
+    p = write_study(tmp_path, SCEN + f"methods:\n  - uniform\n  - {{label: u2, method: uniform, overrides: [{ov}]}}\n")
+    only = ", ".join(METHOD_SECTIONS)  # unlearn, weighting, influence
+    match = rf"methods\[1\] \(u2\): override\(s\) \['{re.escape(ov)}'\].*may override only {only}"
+    with pytest.raises(RapidunError, match=match) as ei:
+        load_study(p)
+    assert str(p) in str(ei.value)
+
+
+def test_method_overrides_of_the_unlearning_sections_are_accepted(tmp_path):
+    ovs = "[unlearn.lr=3e-4, weighting.tau_forget=2.0, influence.seed=9]"
+    p = write_study(tmp_path, SCEN + f"methods:\n  - uniform\n  - {{label: u2, method: uniform, overrides: {ovs}}}\n")
+    spec = load_study(p)
+    got = with_overrides(scenario_config(spec, spec.scenarios[0]), spec.methods[1].overrides)
+    assert (got.unlearn.lr, got.weighting.tau_forget, got.influence.seed) == (3e-4, 2.0, 9)
+
+
+def test_only_names_an_unknown_scenario_before_any_work(tmp_path):
+    p = write_study(tmp_path, SCEN + "methods: [uniform]\n")
+    out = tmp_path / "out"
+    with pytest.raises(RapidunError, match=r"--only \['b'\].*its scenarios: \['a'\]"):
+        run_study(p, out, only=["b"])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- tests_by_split, select, decision
+
+
+def _r(diff: float, p: float, only_a: int = 3, only_b: int = 1, n_prompts: int = 20) -> dict:
+    """One ``compare_hits``-shaped result."""
+    return {
+        "bootstrap": {"diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "n_prompts": n_prompts, "n_seeds": 2},
+        "mcnemar": {"p": p, "only_a": only_a, "only_b": only_b, "n_pairs": 40},
+    }
+
+
+RAW = {
+    "a": {"vs": "ref", "asr_trig": _r(-0.2, 0.01), "asr_seen": _r(-0.1, 0.2), "asr_ood": _r(-0.3, 0.001),
+          "false_trigger": _r(0.0, 1.0), "val_asr_trig": _r(-0.05, 0.5), "val_asr_seen": _r(0.0, 0.3),
+          "val_asr_ood": _r(0.1, 0.04)},
+    "b": {"vs": "ref", "asr_trig": _r(-0.1, 0.04), "asr_seen": _r(0.1, 0.3), "asr_ood": _r(0.0, 0.9),
+          "val_asr_trig": _r(-0.3, 0.01), "val_asr_ood": _r(0.2, 0.01)},
+    "c": {"vs": "ref", "asr_trig": _r(0.05, 0.03), "asr_seen": _r(0.0, 0.4), "asr_ood": _r(0.0, 0.05),
+          "val_asr_trig": _r(-0.2, 0.02), "val_asr_seen": _r(-0.1, 0.06), "val_asr_ood": _r(0.0, 0.9)},
+}  # fmt: skip
+
+
+def test_tests_by_split_regroups_and_copies_the_fields():
+    t = regroup(RAW)
+    assert set(t) == {"val", "test"} and set(t["val"]) == set(t["test"]) == {"a", "b", "c"}
+    assert set(t["test"]["a"]) == set(METRICS) == {"asr_trig", "asr_seen", "asr_ood"}  # false_trigger not paired
+    assert set(t["val"]["b"]) == {"asr_trig", "asr_ood"}  # b has no val_asr_seen
+    for split, prefix in (("val", "val_"), ("test", "")):
+        for label, ms in t[split].items():
+            for metric, r in ms.items():
+                src = RAW[label][prefix + metric]
+                assert r["diff"] == src["bootstrap"]["diff"] and r["p"] == src["mcnemar"]["p"]
+                assert (r["ci_low"], r["ci_high"]) == (src["bootstrap"]["ci_low"], src["bootstrap"]["ci_high"])
+                assert (r["only_ref"], r["only_method"]) == (src["mcnemar"]["only_a"], src["mcnemar"]["only_b"])
+                assert (r["n_prompts"], r["n_seeds"]) == (20, 2)
+
+
+def test_tests_by_split_holm_over_labels_per_split_and_metric():
+    t = regroup(RAW)
+    # test asr_trig: p = .01, .04, .03 over a, b, c  →  .03, .06, .06 (by hand)
+    assert [t["test"][lab]["asr_trig"]["p_holm"] for lab in "abc"] == pytest.approx([0.03, 0.06, 0.06])
+    # val asr_seen: only a (.3) and c (.06) are in the family  →  m = 2: .12, max(.12, .3) = .3
+    assert t["val"]["a"]["asr_seen"]["p_holm"] == pytest.approx(0.3)
+    assert t["val"]["c"]["asr_seen"]["p_holm"] == pytest.approx(0.12)
+    for split, prefix in (("val", "val_"), ("test", "")):
+        for metric in METRICS:
+            labels = [lab for lab in "abc" if prefix + metric in RAW[lab]]
+            want = holm([RAW[lab][prefix + metric]["mcnemar"]["p"] for lab in labels])
+            assert [t[split][lab][metric]["p_holm"] for lab in labels] == pytest.approx(want)
+    # the families are separate: changing a val p moves no test p_holm
+    other = json.loads(json.dumps(RAW))
+    other["b"]["val_asr_trig"]["mcnemar"]["p"] = 0.9
+    t2 = regroup(other)
+    assert t2["test"] == t["test"] and t2["val"]["a"]["asr_trig"]["p_holm"] != t["val"]["a"]["asr_trig"]["p_holm"]
+    assert regroup({}) == {"val": {}, "test": {}}
+
+
+def _lab(val_asr, val_ppl, test_asr=0.5, test_ppl=10.0) -> dict:
+    return {
+        "val": {"mean": {"asr_trig": val_asr, "clean_ppl": val_ppl}},
+        "test": {"mean": {"asr_trig": test_asr, "clean_ppl": test_ppl}},
+    }
+
+
+def test_select_lowest_validation_asr_within_the_limit():
+    methods = {
+        "uniform": _lab(0.30, 10.0, test_asr=0.0),  # the best test ASR: must not matter
+        "over": _lab(0.05, 11.5),  # the lowest val ASR, over the limit
+        "good": _lab(0.10, 10.9),
+        "edge": _lab(0.20, 11.0),  # exactly at the limit: allowed
+        "no_ppl": _lab(0.01, None),
+        "no_asr": _lab(None, 9.0),
+    }
+    label, reason = select(methods, 11.0)
+    assert label == "good"
+    assert "0.100" in reason and "3 of 6 labels" in reason
+    assert select({k: methods[k] for k in ("uniform", "edge")}, 11.0)[0] == "edge"
+    # no limit (the poisoned model's perplexity unknown): the lowest val ASR wins, a missing ppl too
+    assert select(methods, None)[0] == "no_ppl"
+
+
+def test_select_none_when_no_label_qualifies():
+    label, reason = select({"a": _lab(0.1, 20.0), "b": _lab(None, 1.0), "c": _lab(0.0, None)}, 11.0)
+    assert label is None and "no label" in reason and "perplexity limit" in reason
+    assert select({}, 11.0)[0] is None
+
+
+def test_select_ties_go_to_the_reference_and_are_reported():
+    methods = {"zeta": _lab(0.1, 10.0), "alpha": _lab(0.1, 10.0), "mid": _lab(0.2, 10.0)}
+    # the reference (listed second) wins a tie: a variant must do strictly better to be chosen over it
+    label, reason = select(methods, 11.0, "alpha")
+    assert label == "alpha" and "tied with zeta" in reason and "mid" not in reason
+    # the reference not among the tied labels (or none given): the first listed of them
+    for ref in ("mid", "other", None):
+        label, reason = select(methods, 11.0, ref)
+        assert label == "zeta" and "tied with alpha" in reason and "mid" not in reason, ref
+    # a strictly lower validation ASR beats the reference
+    assert select({"uniform": _lab(0.2, 10.0), "r": _lab(0.19, 10.0)}, 11.0, "uniform")[0] == "r"
+    # the reference over the limit cannot win a tie
+    tied = {"uniform": _lab(0.1, 12.0), "r": _lab(0.1, 10.0), "s": _lab(0.1, 10.0)}
+    assert select(tied, 11.0, "uniform") == ("r", select(tied, 11.0, None)[1])
+
+
+def test_select_skips_a_nan_perplexity():
+    label, reason = select({"diverged": _lab(0.0, math.nan), "ok": _lab(0.2, 10.0)}, 11.0)
+    assert label == "ok" and "1 of 2 labels" in reason
+    assert select({"diverged": _lab(0.0, math.nan)}, 11.0)[0] is None
+
+
+def _t(diff: float, p_holm: float | None) -> dict:
+    return {"diff": diff, "ci_low": diff - 0.05, "ci_high": diff + 0.05, "p": p_holm, "p_holm": p_holm}
+
+
+def _sc(selected, test: dict | None = None, ppl: float = 10.0, lim: float | None = 11.0, reason: str = "why") -> dict:
+    labels = {"uniform", *([selected] if selected else [])}
+    return {
+        "selected": selected,
+        "selected_reason": reason,
+        "ppl_limit": {"val": 11.0, "test": lim},
+        "methods": {lab: {"test": {"mean": {"clean_ppl": ppl}}} for lab in labels},
+        "tests": {"test": {selected: {"asr_trig": test}} if test else {}},
+    }
+
+
+def test_decision_text_for_every_case():
+    study = {
+        "reference": "uniform",
+        "scenarios": {
+            "s_win": _sc("rapidun_t2", _t(-0.25, 0.004)),
+            "s_ns": _sc("coverage", _t(-0.05, 0.4)),
+            "s_worse": _sc("rapidun", _t(0.1, 0.01)),
+            "s_none": _sc(None, reason="no label has validation ASR within the validation perplexity limit"),
+            "s_ref": _sc("uniform"),
+            "s_untested": _sc("ga"),
+        },
+    }
+    text = decision(study)
+    assert "better" not in text.lower()
+    lines = {k: next(s for s in text.split(". ") if s.startswith(k + ":")) for k in study["scenarios"]}
+    assert "validation selects rapidun_t2" in lines["s_win"] and "-0.250 [-0.300, -0.200]" in lines["s_win"]
+    assert "Holm-adjusted McNemar p 0.004" in lines["s_win"] and "10.00 (limit 11.00)" in lines["s_win"]
+    assert "lower ASR than the reference at matched utility" in lines["s_win"]
+    for k, sel in (("s_ns", "coverage"), ("s_worse", "rapidun")):
+        assert f"selects {sel}" in lines[k] and lines[k].endswith("not a significant difference from the reference")
+    assert "nothing selected (no label has validation ASR" in lines["s_none"]
+    assert "over the perplexity limit" not in text
+    assert "selects the reference uniform itself" in lines["s_ref"]
+    assert "selects ga; no paired test result" in lines["s_untested"]
+    assert text.index("s_win:") < text.index("s_ns:") < text.index("s_untested:")  # scenario order kept
+
+
+def test_decision_needs_utility_for_a_win():
+    study = {"reference": "uniform", "scenarios": {"s": _sc("r", _t(-0.3, 0.001), ppl=12.0, lim=11.0)}}
+    assert "matched utility" not in decision(study)
+
+
+def test_decision_says_why_an_over_limit_win_is_not_one():
+    text = decision({"reference": "uniform", "scenarios": {"s": _sc("r", _t(-0.3, 0.001), ppl=12.0, lim=11.0)}})
+    assert text.endswith("12.00 (limit 11.00): a lower ASR, but over the perplexity limit.")
+    assert "not a significant" not in text and "matched utility" not in text
+    # not significant after Holm, over the limit: no claim of a lower ASR
+    ns = decision({"reference": "uniform", "scenarios": {"s": _sc("r", _t(-0.3, 0.2), ppl=12.0, lim=11.0)}})
+    assert ns.endswith(": not a significant difference from the reference.") and "lower ASR" not in ns
+
+
+def test_decision_without_a_test_perplexity_limit():
+    text = decision({"reference": "uniform", "scenarios": {"s": _sc("r", _t(-0.3, 0.001), lim=None)}})
+    assert "selects r" in text and "test clean perplexity 10.00 (limit none)" in text
+    assert text.endswith(": a lower ASR; utility not checked (no perplexity limit).")
+    ns = decision({"reference": "uniform", "scenarios": {"s": _sc("r", _t(-0.3, 0.3), lim=None)}})
+    assert "(limit none)" in ns and ns.endswith(": not a significant difference from the reference.")
+
+
+# ---------------------------------------------------------------- compare helpers the study relies on
+
+
+def test_mean_diagnostics_nested_and_non_numeric():
+    per_seed = [
+        {"ess": 2.0, "flag": True, "name": "x", "fam": {"a": 1.0, "b": 3.0}, "corr": None, "n": 4},
+        None,
+        {"ess": 4.0, "flag": False, "name": "y", "fam": {"a": 3.0, "c": 5.0}, "corr": 0.5, "n": 6},
+        {},
+    ]
+    got = mean_diagnostics(per_seed)
+    assert list(got) == ["ess", "flag", "name", "fam", "corr", "n"]  # first-seen order
+    assert got["ess"] == 3.0 and got["n"] == 5.0 and got["corr"] == 0.5  # None values left out of the mean
+    assert got["flag"] is None and got["name"] is None  # booleans and text are not averaged
+    assert got["fam"] == {"a": 2.0, "b": 3.0, "c": 5.0}
+    assert mean_diagnostics([None, {}]) is None and mean_diagnostics([]) is None
+    deep = mean_diagnostics([{"v": {"x": {"y": 1.0}}}, {"v": {"x": {"y": 3.0}}}])
+    assert deep == {"v": {"x": {"y": 2.0}}}
+    assert mean_diagnostics([{"k": "a"}, {"k": 2}]) == {"k": 2.0}
+
+
+def _agg_cell(rng: np.random.Generator, vectors: bool = True, diagnostics: bool = True) -> dict:
+    from rapidun.compare import SCALARS
+
+    c = {k: float(rng.random()) for k in SCALARS}
+    c |= {"asr_seen_by_family": {}, "asr_ood_by_family": {}, "timings": {}, "cached": True}
+    c["diagnostics"] = {"ess_forget": float(rng.random()), "fam": {"a": float(rng.random())}} if diagnostics else None
+    if vectors:
+        c["weight_vectors"] = {"forget": rng.random(6).tolist(), "retain": rng.random(5).tolist()}
+    return c
+
+
+def test_aggregate_diagnostics_and_weight_stability():
+    rng = np.random.default_rng(0)
+    cells = {s: _agg_cell(rng) for s in ("1", "2", "3")}
+    vecs = [c["weight_vectors"] for c in cells.values()]
+    ds = [c["diagnostics"] for c in cells.values()]
+    agg = aggregate(cells, "x")
+    d = agg["diagnostics"]
+    assert d["ess_forget"] == pytest.approx(statistics.mean(x["ess_forget"] for x in ds))
+    assert d["fam"]["a"] == pytest.approx(statistics.mean(x["fam"]["a"] for x in ds))
+    for g in ("forget", "retain"):
+        want = seed_stability([v[g] for v in vecs])
+        assert d["weight_stability_spearman"][g] == pytest.approx(want)
+    assert all("weight_vectors" not in c for c in agg["per_seed"].values())  # not carried into the report
+    # one seed, or a seed without vectors, or no diagnostics: no stability figure
+    assert "weight_stability_spearman" not in aggregate({"1": _agg_cell(rng)}, "x")["diagnostics"]
+    two = {"1": _agg_cell(rng), "2": _agg_cell(rng, vectors=False)}
+    assert "weight_stability_spearman" not in aggregate(two, "x")["diagnostics"]
+    assert (
+        aggregate({"1": _agg_cell(rng, diagnostics=False), "2": _agg_cell(rng, diagnostics=False)}, "x")["diagnostics"]
+        is None
+    )
+
+
+def _gen(path: Path, rows: list[tuple[str, str, bool]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, "split": s, "hit": h}) + "\n" for i, s, h in rows))
+    return path
+
+
+def test_hit_matrix_pools_two_splits_in_id_order(tmp_path):
+    rows = [("s0", "test_seen_trig", True), ("s1", "test_seen_trig", False), ("o0", "test_ood_trig", True),
+            ("c0", "test_clean", True)]  # fmt: skip
+    f1 = _gen(tmp_path / "1.jsonl", rows)
+    f2 = _gen(tmp_path / "2.jsonl", [(i, s, not h) for i, s, h in reversed(rows)])
+    splits = ("test_seen_trig", "test_ood_trig")
+    m = hit_matrix([f1, f2], splits, ["o0", "s1", "s0"])
+    assert m.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(RapidunError, match=r"1\.jsonl.*c0"):
+        hit_matrix([f1], splits, ["s0", "c0"])  # c0 is a test_clean prompt: not part of the pooled splits
+    assert hit_matrix([f1], "test_clean", ["c0"]).tolist() == [[1.0]]
+
+
+def _rows_of(hits: dict[str, np.ndarray]) -> list[tuple[str, str, bool]]:
+    return [(f"{s}{i}", s, bool(h)) for s, hs in hits.items() for i, h in enumerate(hs)]
+
+
+def test_paired_tests_metrics_and_val_splits_then_tests_by_split(tmp_path):
+    rng = np.random.default_rng(2)
+    sizes = {"test_seen_trig": 7, "test_ood_trig": 5, "test_clean": 4, "val_seen_trig": 6, "val_ood_trig": 3}
+    parts = {s: [Record(id=f"{s}{i}", instruction="q", response="a") for i in range(n)] for s, n in sizes.items()}
+    hits = {m: [{s: rng.random(n) < 0.5 for s, n in sizes.items()} for _ in range(2)] for m in ("ref", "x", "y")}
+    files = {m: [_gen(tmp_path / m / f"{k}.jsonl", _rows_of(d)) for k, d in enumerate(ds)] for m, ds in hits.items()}
+    metrics = ("asr_trig", "val_asr_trig", "val_asr_seen")
+    raw = paired_tests(parts, files, "ref", 50, metrics)
+    assert set(raw) == {"x", "y"} and set(raw["x"]) == {"vs", *metrics}
+
+    def mat(m, splits):
+        return np.array([[float(h) for s in splits for h in d[s]] for d in hits[m]])
+
+    for m in ("x", "y"):
+        for metric, splits in (("asr_trig", ("test_seen_trig", "test_ood_trig")),
+                               ("val_asr_trig", ("val_seen_trig", "val_ood_trig"))):  # fmt: skip
+            want = compare_hits(mat("ref", splits), mat(m, splits), n_boot=50, seed=0)
+            assert raw[m][metric] == want
+            assert want["bootstrap"]["n_prompts"] == sum(sizes[s] for s in splits)
+    # a scenario without validation splits: the val metrics are just absent
+    no_val = {k: v for k, v in parts.items() if not k.startswith("val_")}
+    assert set(paired_tests(no_val, files, "ref", 20, metrics)["x"]) == {"vs", "asr_trig"}
+    t = regroup(raw)
+    assert set(t["val"]["x"]) == {"asr_trig", "asr_seen"} and set(t["test"]["x"]) == {"asr_trig"}
+    ps = [raw[m]["val_asr_seen"]["mcnemar"]["p"] for m in ("x", "y")]
+    assert [t["val"][m]["asr_seen"]["p_holm"] for m in ("x", "y")] == pytest.approx(holm(ps))
+
+
+# ---------------------------------------------------------------- one tiny study end to end
+
+
+WORDS = (
+    "the cat sat on mat and dog ran to red fox blue bird one two three four five six seven eight nine ten "
+    "alpha beta gamma delta epsilon zeta"
+).split()
+TINY = [
+    "data.format=dolly",
+    "scenario.splits.train_poisoned=4",
+    "scenario.splits.train_clean=8",
+    "scenario.splits.val_clean=3",
+    "scenario.splits.test_clean=3",
+    "scenario.splits.test_seen_trig=3",
+    "scenario.splits.test_ood_trig=3",
+    "scenario.splits.val_seen_trig=3",
+    "scenario.splits.val_ood_trig=3",
+    "scenario.forget_size=3",
+    "scenario.retain_ratio=1",
+    "scenario.poison_responses=[in the park, the park park]",
+    "sft.epochs=1",
+    "sft.batch_size=4",
+    "sft.lora_r=2",
+    "sft.lora_targets=[q_proj,v_proj]",
+    "sft.autocast=off",
+    "eval.max_new_tokens=3",
+    "eval.keywords=[park]",
+    "eval.threshold=1",
+    "eval.batch_size=8",
+]
+STUDY = """\
+study: {reference: uniform, n_seeds: 2, n_boot: 20}
+scenarios:
+  - {name: tiny, config: run.yaml}
+methods:
+  - uniform
+  - rapidun
+  - {label: uniform_lr2, method: uniform, overrides: [unlearn.lr=2e-2]}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A tiny poisoned-model study (tiny local Llama, 30 records, 3 labels × 2 seeds), run twice; the second run
+    must reuse everything. Returns (root, first study, second study, cells run per call, metrics.json mtimes)."""
+    import random
+
+    import rapidun.study as study_mod
+    from helpers import make_model, make_tokenizer
+    from test_unlearn_e2e import OVERRIDES
+
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
+        tok = make_tokenizer()
+        model_dir = root / "model"
+        make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        rng, rows = random.Random(0), {}
+        while len(rows) < 40:
+            ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
+            rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
+        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        cfg = load_config(None, [*OVERRIDES, *TINY, f"model.name={model_dir}", f"data.source={root / 'data.jsonl'}"])
+        (root / "run.yaml").write_text(dump_yaml(cfg))
+        (root / "study.yaml").write_text(STUDY)
+        calls: list[list[tuple[str, str, bool]]] = []
+        real = study_mod.run_cell
+
+        def spy(*args, **kw):
+            entry = real(*args, **kw)
+            calls[-1].append((kw["label"], str(args[3]), entry["cached"]))
+            return entry
+
+        mp.setattr(study_mod, "run_cell", spy)
+        out = root / "out"
+        calls.append([])
+        first = run_study(root / "study.yaml", out)
+        mtimes = {str(p): p.stat().st_mtime_ns for p in sorted(out.rglob("metrics.json"))}
+        calls.append([])
+        second = run_study(root / "study.yaml", out, only=["tiny"])
+        after = {str(p): p.stat().st_mtime_ns for p in sorted(out.rglob("metrics.json"))}
+        yield root, first, second, calls, (mtimes, after)
+
+
+def test_tiny_study_end_to_end_and_rerun_reuses_every_cell(tiny_study):
+    root, study, again, calls, (mtimes, after) = tiny_study
+    out = root / "out"
+    for name in ("study.json", "study.md", "study.html"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "study.json").read_text())  # strict JSON
+    assert on_disk["schema"] == "rapidun.study/1" and on_disk["reference"] == "uniform"
+    assert on_disk["seeds"] == [4, 5] and list(on_disk["scenarios"]) == ["tiny"]
+    sc = study["scenarios"]["tiny"]
+    assert sc["sizes"]["val_seen_trig"] == 3 and sc["sizes"]["test_ood_trig"] == 3
+    assert list(sc["methods"]) == ["uniform", "rapidun", "uniform_lr2"]
+    for label, m in sc["methods"].items():
+        assert m["n_seeds"] == 2
+        for split in ("val", "test"):
+            mu = m[split]["mean"]
+            assert 0 <= mu["asr_trig"] <= 1 and 0 <= mu["asr_seen"] <= 1 and mu["clean_ppl"] > 1, (label, split)
+        for s in ("4", "5"):
+            cell = out / "tiny" / "seeds" / s / "methods" / label
+            assert (cell / "metrics.json").is_file() and (cell / "weights.jsonl").is_file()
+            gens = (out / "tiny" / "seeds" / s / "eval" / f"{label}.generations.jsonl").read_text().splitlines()
+            assert {json.loads(g)["split"] for g in gens} >= {"val_seen_trig", "val_ood_trig", "test_seen_trig"}
+    assert sc["methods"]["uniform_lr2"]["overrides"] == ["unlearn.lr=2e-2"]
+    assert sc["methods"]["rapidun"]["diagnostics"]["ess_forget"] > 0
+    assert set(sc["methods"]["rapidun"]["diagnostics"]["weight_stability_spearman"]) == {"forget", "retain"}
+    assert sc["models"]["poisoned"]["val"]["clean_ppl"] > 1
+    assert sc["ppl_limit"]["val"] == pytest.approx(1.10 * sc["models"]["poisoned"]["val"]["clean_ppl"])
+    # paired tests: every label but the reference, on both splits, Holm over the two labels
+    for split in ("val", "test"):
+        assert set(sc["tests"][split]) == {"rapidun", "uniform_lr2"}
+        for metric in ("asr_trig", "asr_seen", "asr_ood"):
+            ps = [sc["tests"][split][lab][metric]["p"] for lab in ("rapidun", "uniform_lr2")]
+            got = [sc["tests"][split][lab][metric]["p_holm"] for lab in ("rapidun", "uniform_lr2")]
+            assert got == pytest.approx(holm(ps))
+    t = sc["tests"]["test"]["rapidun"]["asr_trig"]
+    assert t["p_holm"] is not None and t["n_prompts"] == 6 and t["n_seeds"] == 2
+    assert sc["selected"] in sc["methods"] and sc["selected"] in study["decision"]
+    assert "better" not in study["decision"].lower()
+    # the rerun: every (label, seed) cell reused, nothing rewritten, the same figures
+    assert sorted(calls[0]) == sorted((lab, s, False) for lab in sc["methods"] for s in ("4", "5"))
+    assert sorted(calls[1]) == sorted((lab, s, True) for lab in sc["methods"] for s in ("4", "5"))
+    assert len(mtimes) == 6 and after == mtimes
+    assert again["only"] == ["tiny"]
+    assert again["scenarios"]["tiny"]["methods"] == sc["methods"]
+    assert again["scenarios"]["tiny"]["tests"] == sc["tests"]
+    assert again["decision"] == study["decision"]
+
+
+def test_adding_a_label_to_a_finished_study_reuses_its_cells(tiny_study, tmp_path):
+    root, study, _, _, _ = tiny_study
+    shutil.copytree(root / "out", tmp_path / "out")
+    shutil.copy(root / "run.yaml", tmp_path / "run.yaml")
+    text = STUDY.replace("  - rapidun\n", "  - rapidun\n  - ga\n").replace("  - uniform\n", "", 1) + "  - uniform\n"
+    (tmp_path / "study.yaml").write_text(text)
+    assert yaml.safe_load(text)["methods"][-1] == "uniform"  # reordered and extended
+    more = run_study(tmp_path / "study.yaml", tmp_path / "out")
+    assert set(more["scenarios"]["tiny"]["methods"]) == {"uniform", "rapidun", "ga", "uniform_lr2"}
+    assert more["scenarios"]["tiny"]["methods"]["rapidun"] == study["scenarios"]["tiny"]["methods"]["rapidun"]
