@@ -25,6 +25,8 @@ TINY = [
     "scenario.splits.test_clean=3",
     "scenario.splits.test_seen_trig=3",
     "scenario.splits.test_ood_trig=3",
+    "scenario.splits.val_seen_trig=3",
+    "scenario.splits.val_ood_trig=3",
     "scenario.forget_size=3",
     "scenario.retain_ratio=1",
     "sft.epochs=1",
@@ -82,9 +84,10 @@ def test_pipeline_end_to_end_and_rerun_uses_caches(tmp_path, monkeypatch, capsys
     assert on_disk["models"]["retrain"]["asr_seen"] == report["models"]["retrain"]["asr_seen"]
     assert (out / "config.resolved.yaml").is_file() and (out / "scenario" / "manifest.json").is_file()
     gens = (out / "eval" / "poisoned.generations.jsonl").read_text().splitlines()
-    assert len(gens) == 9
+    assert len(gens) == 15  # 3 seen + 3 OOD + 3 clean test prompts, 3 + 3 validation prompts
+    assert {g["split"] for g in map(json.loads, gens)} >= {"val_seen_trig", "val_ood_trig"}
     # Methods x 2 seeds: measured times, speed-ups, id-keyed weights and audit rows, a PEFT adapter, paired tests.
-    assert report["schema"] == "rapidun.report/3" and report["seeds"] == [42, 43]
+    assert report["schema"] == "rapidun.report/4" and report["seeds"] == [42, 43]
     assert list(report["methods"]) == ["rapidun", "random", "ga", "retrain"]
     for name, e in report["methods"].items():
         mu = e["mean"]

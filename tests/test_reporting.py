@@ -72,7 +72,7 @@ def _test(rng: np.random.Generator) -> dict:
 
 
 def make_run(root: Path, *, methods: bool = True, influence: bool = True, seeds: list[int] | None = None) -> Path:
-    """Write a synthetic ``rapidun.report/3`` run folder under ``root`` and return it."""
+    """Write a synthetic ``rapidun.report/4`` run folder under ``root`` and return it."""
     seeds = SEEDS if seeds is None else seeds
     rng = np.random.default_rng(0)
     forget_ids = [f"{i}:train_poisoned" for i in range(N_FORGET)]
@@ -198,7 +198,7 @@ def make_run(root: Path, *, methods: bool = True, influence: bool = True, seeds:
         }
 
     report = {
-        "schema": "rapidun.report/3",
+        "schema": "rapidun.report/4",
         "scenario": {
             "sizes": {"forget": N_FORGET, "retain": N_RETAIN, "test_seen_trig": 30},
             "triggers": {"surface": ["aloha"]},
@@ -327,7 +327,7 @@ def test_empty_methods_no_influence_one_seed(tmp_path):
 
 def test_bare_report(tmp_path):
     """Only a schema line: nothing to plot, still renders."""
-    (tmp_path / "report.json").write_text(json.dumps({"schema": "rapidun.report/3"}))
+    (tmp_path / "report.json").write_text(json.dumps({"schema": "rapidun.report/4"}))
     paths = render_report(tmp_path)
     html = paths["html"].read_text(encoding="utf-8")
     assert IMG not in html and set(paths) == {"md", "html"}

@@ -264,7 +264,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
                 timings[f"method_{name}_seed{seed}"] = c["time_s"] + c["timings"]["eval_s"]
     timings["wall_this_invocation"] = time.perf_counter() - t_all
     report = {
-        "schema": "rapidun.report/3",
+        "schema": "rapidun.report/4",
         "scenario": {
             "sizes": manifest["sizes"],
             "triggers": manifest["triggers"],

@@ -5,7 +5,7 @@ Usage::
     from rapidun.reporting import render_report
     paths = render_report("runs/demo")   # {"md": ..., "html": ..., "<plot name>": plots/<plot name>.png, ...}
 
-or ``python -m rapidun.reporting RUN_DIR``. Input: ``RUN_DIR/report.json`` (schema ``rapidun.report/3``) and the
+or ``python -m rapidun.reporting RUN_DIR``. Input: ``RUN_DIR/report.json`` (schema ``rapidun.report/4``) and the
 per-seed files it points to; absent optional pieces are skipped with a note in the report.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from rapidun.io import read_json
 
-SCHEMA = "rapidun.report/3"
+SCHEMA = "rapidun.report/4"
 
 
 def num(x: Any) -> float | None:
