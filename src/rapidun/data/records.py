@@ -4,7 +4,11 @@ Formats (field names in the source):
 * ``dolly``: instruction, context (optional), response
 * ``alpaca``: instruction, input (optional), output
 * ``qa``: question, answer (e.g. TOFU)
-* ``generic``: any columns, mapped with ``data.fields`` (keys instruction, context, response, id)
+* ``generic``: any columns, mapped with ``data.fields`` (keys instruction, context, response, id, replacement)
+
+Every format also reads an optional **replacement answer** (what the model should say instead; the relabel
+part of relabel+ascent) from the column ``replacement`` (or ``data.fields.replacement``), falling back to
+``response_clean`` (the column of a scenario's pack files); it is kept as ``meta["response_clean"]``.
 
 Sources: ``dolly-sample`` (shipped), ``tofu:<name>`` (shipped, e.g. ``tofu:forget01``), a ``.jsonl``/``.jsonl.gz``/
 ``.json``/``.csv`` file, or a Hugging Face dataset name (needs ``pip install datasets`` and the hub).
@@ -149,9 +153,11 @@ def load_records(
                 "data.format=generic needs data.fields, e.g. {instruction: prompt, response: "
                 "completion} (optional keys: context, id)"
             )
-        bad = sorted(set(fields) - {"instruction", "context", "response", "id"})
+        bad = sorted(set(fields) - {"instruction", "context", "response", "id", "replacement"})
         if bad:
-            raise RapidunError(f"data.fields has unknown key(s) {bad}; valid: instruction, context, response, id")
+            raise RapidunError(
+                f"data.fields has unknown key(s) {bad}; valid: instruction, context, response, id, replacement"
+            )
         mapping = {"context": "", "id": "id", **fields}
     elif fmt in FORMATS:
         mapping = {**FORMATS[fmt], **(fields or {})}
@@ -185,7 +191,12 @@ def load_records(
                 "be unique — fix the id or drop the duplicate"
             )
         seen[rid] = lineno
-        out.append(Record(id=rid, **vals))
+        rep_cols = [mapping["replacement"]] if mapping.get("replacement") else ["replacement", "response_clean"]
+        rep = next((row[c] for c in rep_cols if c in row and row[c] not in (None, "")), None)
+        if rep is not None and not isinstance(rep, str):
+            raise RapidunError(f"{where}:{lineno}: replacement answer {rep_cols[0]!r} is not text; fix or remove it")
+        meta = {"response_clean": rep.strip()} if isinstance(rep, str) and rep.strip() else {}
+        out.append(Record(id=rid, **vals, meta=meta))
         if limit and len(out) >= limit:
             break
     if not out:

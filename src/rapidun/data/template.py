@@ -2,7 +2,9 @@
 
 * Model with a chat template: one user turn (instruction, then the context after a blank line), rendered with
   ``add_generation_prompt=True``; the answer is followed by the template's end-of-turn text.
-* Model without one: the Alpaca template (``### Instruction:`` / ``### Input:`` / ``### Response:``), answer + EOS.
+* Model without one: the Alpaca template (``### Instruction:`` / ``### Input:`` / ``### Response:``), answer + EOS,
+  preceded by the BOS token when the tokenizer adds one itself (e.g. Gemma, Llama base models: their outputs
+  degrade without it). Chat templates write their own BOS text, so tokenisation never adds special tokens.
 
 Loss is taken on answer tokens only (prompt and padding labelled -100).
 
@@ -48,7 +50,26 @@ def format_prompt(tok: Any, instruction: str, context: str = "", system: str = "
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ctx = f"### Input:\n{context}\n\n" if context else ""
     note = ", paired with an input that provides further context" if context else ""
-    return ALPACA.format(instruction=instruction, ctx=ctx, ctx_note=note)
+    return bos_text(tok) + ALPACA.format(instruction=instruction, ctx=ctx, ctx_note=note)
+
+
+def bos_text(tok: Any) -> str:
+    """The BOS token's text when ``tok`` prepends it by itself (``add_special_tokens=True``), else ``""``."""
+    cached = getattr(tok, "_rapidun_bos_text", None)
+    if cached is not None:
+        return cached
+    bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
+    text = ""
+    if bos and bos_id is not None:
+        with_special = tok("x", add_special_tokens=True)["input_ids"]
+        without = tok("x", add_special_tokens=False)["input_ids"]
+        if with_special[:1] == [bos_id] and with_special[1:] == without:
+            text = bos
+    try:
+        tok._rapidun_bos_text = text
+    except AttributeError:  # a tokenizer that refuses new attributes: recompute next time
+        pass
+    return text
 
 
 def answer_end(tok: Any) -> str:

@@ -14,7 +14,8 @@ Two implementations give the same numbers (fp32 tolerance):
   output that captures ``gout = ∂(Σ_b loss_b)/∂output``. Because sample ``b``'s output rows depend only on sample
   ``b``'s inputs (no batch norm in a causal LM) and ``Σ_b loss_b`` is backpropagated, ``gout[b]`` is exactly the
   gradient of ``loss_b``, so the per-sample weight gradients are outer products summed over tokens:
-  Linear weight ``Σ_t gout[b,t,:] ⊗ x[b,t,:]``, Linear bias ``Σ_t gout[b,t,:]``, Embedding weight a per-sample
+  Linear weight ``Σ_t gout[b,t,:] ⊗ x[b,t,:]`` (GPT-2's Conv1D, which stores the transpose: ``Σ_t x ⊗ gout``),
+  Linear bias ``Σ_t gout[b,t,:]``, Embedding weight a per-sample
   scatter-add of ``gout`` rows at the input ids (a (B, V, H) buffer: B·V·H floats, e.g. 8×49152×576 ≈ 0.9 GB for
   SmolLM2 embeddings — use small batches there). Tied input/output embeddings are handled: the shared weight gets
   the embedding's scatter-add plus the LM head's outer products. Padding positions get zero ``gout`` (right
@@ -44,13 +45,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from rapidun.data.template import Batch
 from rapidun.errors import RapidunError
 from rapidun.functional import IGNORE, per_sample_ce, shift_labels
 
 KINDS = ("lora", "regex", "embeddings")
-SUPPORTED = "nn.Linear (weight, bias) and nn.Embedding (weight)"
+SUPPORTED = "nn.Linear (weight, bias), GPT-2's Conv1D (weight, bias) and nn.Embedding (weight)"
 NORM_EPS = 1e-12
 
 
@@ -96,7 +98,7 @@ def _owners(model: nn.Module, params: list[nn.Parameter], names: list[str]) -> l
         if not found:
             raise RapidunError(f"parameter {name} is not a parameter of this model")
         for mname, mod, attr in found:
-            ok = (isinstance(mod, nn.Linear) and attr in ("weight", "bias")) or (
+            ok = (isinstance(mod, nn.Linear | Conv1D) and attr in ("weight", "bias")) or (
                 isinstance(mod, nn.Embedding) and attr == "weight"
             )
             if not ok:
@@ -274,6 +276,8 @@ def _per_module(
     if attr == "bias":
         return g.sum(1)  # (B, O)
     x = _as_batched(cap.x.float(), rows, B, cap.name)  # (B, N, I)
+    if isinstance(mod, Conv1D):  # y = x W + b with W of shape (I, O)
+        return torch.einsum("bni,bno->bio", x, g).reshape(B, -1)  # (B, I, O) -> (B, I·O)
     return torch.einsum("bno,bni->boi", g, x).reshape(B, -1)  # (B, O, I) -> (B, O·I)
 
 

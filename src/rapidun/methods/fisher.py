@@ -21,14 +21,22 @@ from rapidun.data.template import Encoded, collate
 from rapidun.errors import RapidunError
 from rapidun.eval.metrics import perplexity
 from rapidun.functional import per_sample_ce
+from rapidun.models import ALL_LINEAR
 
 
 def fisher_params(model: Any, targets: list[str]) -> dict[str, torch.nn.Parameter]:
-    """The weight matrices of the Linear modules whose last name component is in ``targets``."""
+    """The weight matrices of the Linear (or GPT-2 Conv1D) modules whose last name component is in ``targets``.
+
+    ``targets == ["all-linear"]``: every such module except the output head (as :func:`rapidun.models.attach_lora`).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    every = ALL_LINEAR in targets
     out = {
         f"{name}.weight": m.weight
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(m, torch.nn.Linear | Conv1D) and ((every and m is not head) or name.rsplit(".", 1)[-1] in targets)
     }
     if not out:
         raise RapidunError(f"fisher: no Linear module is named one of {targets}; set unlearn.lora_targets")

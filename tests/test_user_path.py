@@ -1,0 +1,354 @@
+"""Unlearning from a user's own files: packs from FORGET/RETAIN, --adapter starts, receipts, the no-effect warning.
+
+On the tiny saved model of ``test_unlearn_e2e`` (its overrides and packs), so a run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import make_model, make_records, make_tokenizer
+from rapidun import cli
+from rapidun.config import ScenarioConfig, load_config
+from rapidun.data.packs import build_packs, load_packs
+from rapidun.data.records import Record, load_records
+from rapidun.data.scenario import save_scenario
+from rapidun.errors import RapidunError
+from rapidun.models import with_adapter
+from rapidun.receipt import record_hash
+from rapidun.unlearn import MIN_FORGET_CHANGE, forget_change_warning
+from test_unlearn_e2e import OVERRIDES, folder_digest, make_parts, read_jsonl
+
+
+def write_alpaca(path: Path, recs: list[Record]) -> Path:
+    """Records as an alpaca JSONL file (instruction, input, output, id; replacement when the record has one)."""
+    rows = []
+    for r in recs:
+        row = {"id": r.id, "instruction": r.instruction, "input": r.context, "output": r.response}
+        if r.meta.get("response_clean"):
+            row["replacement"] = r.meta["response_clean"]
+        rows.append(json.dumps(row))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- packs and records (no model)
+
+
+def pool(n: int, prefix: str, start: int = 100) -> list[Record]:
+    """``n`` records whose texts differ from ``make_records``' (numbers from ``start``)."""
+    return [Record(id=f"{prefix}{i}", instruction=f"instruction number {start + i}", response="r") for i in range(n)]
+
+
+def test_replacement_answer_is_read_from_its_column_or_the_scenario_name(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text(
+        json.dumps({"instruction": "a", "output": "bad", "replacement": " good "})
+        + "\n"
+        + json.dumps({"instruction": "b", "output": "bad2"})
+        + "\n"
+        + json.dumps({"instruction": "c", "output": "bad3", "response_clean": "fine"})
+        + "\n"
+    )
+    recs = load_records(str(p), "alpaca")
+    assert [r.meta.get("response_clean") for r in recs] == ["good", None, "fine"]
+    q = tmp_path / "g.jsonl"
+    q.write_text(json.dumps({"prompt": "a", "completion": "bad", "fix": "ok"}) + "\n")
+    fields = {"instruction": "prompt", "response": "completion", "replacement": "fix"}
+    assert load_records(str(q), "generic", fields)[0].meta == {"response_clean": "ok"}
+
+
+def test_build_packs_takes_a_small_retain_file_as_is():
+    forget, retain = make_records(2, "f"), pool(6, "r")
+    f, r, left, info = build_packs(forget, retain, 3.0, seed=0)
+    assert [x.id for x in f] == ["f0", "f1"] and [x.id for x in r] == [x.id for x in retain] and left == []
+    assert info["retain_drawn"] is False and info["n_retain"] == 6 and info["retain_target"] == 6
+
+
+def test_build_packs_draws_a_seeded_buffer_without_forget_records_from_a_large_file():
+    forget = make_records(3, "f")
+    corpus = pool(40, "r") + forget  # the whole training file holds the forget records too
+    _f, r, left, info = build_packs(forget, corpus, 2.0, seed=7)
+    assert len(r) == 6 and info["retain_drawn"] is True
+    assert not {x.id for x in r} & {x.id for x in forget} and not {x.id for x in left} & {x.id for x in forget}
+    assert sorted(info["retain_overlap_left_out"]) == ["f0", "f1", "f2"]
+    assert len(r) + len(left) == 40 and not {x.id for x in r} & {x.id for x in left}
+    order = [x.id for x in corpus]
+    assert [x.id for x in r] == sorted((x.id for x in r), key=order.index)  # file order kept
+    assert [x.id for x in build_packs(forget, corpus, 2.0, seed=7)[1]] == [x.id for x in r]  # seeded
+    assert [x.id for x in build_packs(forget, corpus, 2.0, seed=8)[1]] != [x.id for x in r]
+
+
+def test_build_packs_refuses_overlap_in_a_buffer_given_as_is_by_id_and_by_content():
+    forget = make_records(2, "f")
+    same_id = Record(id="f0", instruction="other", response="other")
+    same_text = Record(id="x9", instruction=forget[1].instruction, response=forget[1].response)
+    for bad in (same_id, same_text):
+        with pytest.raises(RapidunError, match=r"also forget records.*" + bad.id):
+            build_packs(forget, [*pool(2, "r"), bad], 3.0, seed=0, retain_where="retain.jsonl")
+
+
+def test_build_packs_refuses_empty_inputs():
+    with pytest.raises(RapidunError, match="no forget records"):
+        build_packs([], pool(3, "r"), 3.0, 0)
+    with pytest.raises(RapidunError, match="no retain records"):
+        build_packs(make_records(1, "f"), [], 3.0, 0)
+
+
+def test_load_packs_reports_where(tmp_path):
+    write_alpaca(tmp_path / "f.jsonl", make_records(2, "f"))
+    (tmp_path / "r.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
+    with pytest.raises(RapidunError, match=r"r\.jsonl:2: malformed JSON"):
+        load_packs(str(tmp_path / "f.jsonl"), str(tmp_path / "r.jsonl"), "alpaca", {}, 3.0, 0)
+
+
+def test_forget_change_warning_threshold_and_message():
+    moved = {"forget_ce_poisoned_before": 1.0, "forget_ce_poisoned_after": 1.0 + 2 * MIN_FORGET_CHANGE}
+    still = {"forget_ce_poisoned_before": 0.669, "forget_ce_poisoned_after": 0.670}
+    assert forget_change_warning(moved, 6e-5, True, "loop") is None
+    w = forget_change_warning(still, 6e-5, True, "loop")
+    assert w is not None and "unlearn.lr (now 6e-05" in w and "0.669 -> 0.670" in w
+    assert forget_change_warning(still, 6e-5, False, "loop") is None  # a stopped run has its own error
+
+
+# ---------------------------------------------------------------- the CLI on the tiny model
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A tiny 'poisoned' model folder, the packs as alpaca files, and a scenario folder of the same packs."""
+    root = tmp_path_factory.mktemp("user")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
+        tok = make_tokenizer()
+        model = make_model(len(tok), init_range=0.2)
+        model_dir = root / "poisoned"
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        parts = make_parts()
+        save_scenario(parts, root / "scenario", ScenarioConfig(), {"source": "test"})
+        yield SimpleNamespace(
+            root=root,
+            model_dir=str(model_dir),
+            parts=parts,
+            forget=str(write_alpaca(root / "forget.jsonl", parts["forget"])),
+            retain=str(write_alpaca(root / "retain.jsonl", parts["retain"])),
+            scenario=str(root / "scenario"),
+            digest=folder_digest(model_dir),
+        )
+
+
+def unlearn_cli(*args: str, extra: tuple[str, ...] = ()) -> int:
+    """``rapidun unlearn ARGS`` with the tiny overrides, then ``extra`` overrides (which win)."""
+    return cli.main(["unlearn", *args, *OVERRIDES, "data.format=alpaca", *extra])
+
+
+def test_files_give_the_scenario_paths_weights_and_losses(user, capsys):
+    a, b = user.root / "from_files", user.root / "from_scenario"
+    f_args = ["--forget", user.forget, "--retain", user.retain]
+    assert unlearn_cli("--method", "rapidun", "--model-path", user.model_dir, "--out", str(a), *f_args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "packs: 6 forget (4 with a replacement answer), 5 retain as given" in out
+        and "as given" in out
+        and "receipt.json" in out
+    )
+    assert (
+        unlearn_cli("--method", "rapidun", "--model-path", user.model_dir, "--out", str(b), "--scenario", user.scenario)
+        == 0
+    )
+    wa, wb = read_jsonl(a / "weights.jsonl"), read_jsonl(b / "weights.jsonl")
+    assert [w["id"] for w in wa] == [w["id"] for w in wb]
+    assert torch.allclose(torch.tensor([w["weight"] for w in wa]), torch.tensor([w["weight"] for w in wb]), atol=1e-6)
+    ra, rb = (json.loads((d / "result.json").read_text())["audit_means"] for d in (a, b))
+    assert ra == pytest.approx(rb, abs=1e-5)
+    packs = json.loads((a / "packs.json").read_text())
+    assert packs["n_forget"] == len(user.parts["forget"]) and packs["retain_drawn"] is False
+    assert folder_digest(user.model_dir) == user.digest
+
+
+def test_receipt_names_model_records_method_and_chains_through_an_adapter(user, capsys):
+    first = user.root / "r1"
+    f_args = ["--forget", user.forget, "--retain", user.retain]
+    assert unlearn_cli("--method", "uniform", "--model-path", user.model_dir, "--out", str(first), *f_args) == 0
+    rec = json.loads((first / "receipt.json").read_text())
+    assert rec["schema"] == "rapidun.receipt/1" and rec["method"] == "uniform" and rec["complete"] is True
+    assert [x["id"] for x in rec["forget"]] == [r.id for r in user.parts["forget"]]
+    assert rec["forget"][0]["sha256"] == record_hash(user.parts["forget"][0])
+    assert rec["start_model"]["fingerprint"] and rec["previous"] == []
+    assert rec["measured"]["audit_means"]["forget_ce_poisoned_before"] is not None
+    assert json.loads((first / "adapter" / "receipt.json").read_text()) == rec
+    # a second request on top of the first output (base + its adapter) carries the first receipt forward
+    second = user.root / "r2"
+    args = ["--method", "ga", "--model-path", user.model_dir, "--adapter", str(first / "adapter"), "--out", str(second)]
+    assert unlearn_cli(*args, *f_args, "--merge") == 0
+    capsys.readouterr()
+    rec2 = json.loads((second / "receipt.json").read_text())
+    assert rec2["method"] == "ga" and [p["method"] for p in rec2["previous"]] == ["uniform"]
+    assert rec2["start_model"]["adapter"] == str(first / "adapter")
+    assert json.loads((second / "merged" / "receipt.json").read_text()) == rec2
+    # a third on the merged output of the second: the chain grows, oldest first
+    third = user.root / "r3"
+    assert unlearn_cli("--method", "uniform", "--model-path", str(second / "merged"), "--out", str(third), *f_args) == 0
+    rec3 = json.loads((third / "receipt.json").read_text())
+    assert [p["method"] for p in rec3["previous"]] == ["uniform", "ga"]
+    assert folder_digest(user.model_dir) == user.digest
+
+
+def test_with_adapter_merges_once_into_the_cache_with_the_peft_logits(user):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = user.root / "wa"
+    files = ["--forget", user.forget, "--retain", user.retain]
+    assert unlearn_cli("--method", "uniform", "--model-path", user.model_dir, "--out", str(out), *files) == 0
+    path = with_adapter(user.model_dir, str(out / "adapter"))
+    assert path == with_adapter(user.model_dir, str(out / "adapter"))  # cached
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForCausalLM.from_pretrained(user.model_dir, dtype=torch.float32).eval()
+    want = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(input_ids=ids).logits
+    got = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert with_adapter(user.model_dir, None) == user.model_dir
+
+
+def test_adapter_for_another_base_is_refused(user, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = make_tokenizer()
+    other = make_model(len(tok) + 7)  # another vocabulary: the embedding LoRA cannot fit
+    peft = get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(RapidunError, match="does not fit"):
+        with_adapter(user.model_dir, str(tmp_path / "adapter"))
+    with pytest.raises(RapidunError, match=r"adapter_config\.json"):
+        with_adapter(user.model_dir, str(tmp_path))
+
+
+def test_cli_errors_on_the_user_path(user, capsys, tmp_path):
+    base = ["--method", "uniform", "--model-path", user.model_dir]
+    overlap = write_alpaca(tmp_path / "r.jsonl", [*user.parts["retain"], user.parts["forget"][0]])
+    cases = [
+        ([*base, "--out", str(tmp_path / "a"), "--forget", user.forget, "--retain", str(overlap)], "also forget"),
+        ([*base, "--out", str(tmp_path / "b"), "--forget", user.forget], "--forget FILE --retain FILE"),
+        (
+            [
+                *base,
+                "--out",
+                str(tmp_path / "c"),
+                "--forget",
+                user.forget,
+                "--retain",
+                user.retain,
+                "--scenario",
+                user.scenario,
+            ],
+            "not both",
+        ),
+        (
+            [*base, "--out", str(tmp_path / "d"), "--forget", str(tmp_path / "nope.jsonl"), "--retain", user.retain],
+            "does not exist",
+        ),
+    ]
+    for args, msg in cases:
+        assert unlearn_cli(*args) == 2, args
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert folder_digest(user.model_dir) == user.digest
+
+
+def test_a_run_that_barely_moves_the_forget_loss_warns(user, capsys):
+    out = user.root / "still"
+    args = ["--method", "uniform", "--model-path", user.model_dir, "--out", str(out)]
+    assert unlearn_cli(*args, "--forget", user.forget, "--retain", user.retain, extra=("unlearn.lr=1e-9",)) == 0
+    err = capsys.readouterr().err
+    assert "warning: the forget records' loss moved only" in err and "raise unlearn.lr (now 1e-09" in err
+    assert json.loads((out / "result.json").read_text())["warnings"]
+
+
+def test_scenario_config_still_loads():  # the user path reads data.format and scenario.retain_ratio
+    cfg = load_config(None, ["data.format=alpaca", "scenario.retain_ratio=2"])
+    assert cfg.data.format == "alpaca" and cfg.scenario.retain_ratio == 2
+
+
+# ---------------------------------------------------------------- eval --probes
+
+
+def write_probes(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_probes_validates_with_file_and_line(tmp_path):
+    from rapidun.eval.probes import load_probes
+
+    good = write_probes(tmp_path / "p.jsonl", [{"prompt": "a", "group": "g"}, {"instruction": "b", "group": "h"}])
+    assert [(p.id, p.group) for p in load_probes(good)] == [("p1", "g"), ("p2", "h")]
+    bad = write_probes(tmp_path / "q.jsonl", [{"prompt": "a", "group": "g"}, {"prompt": "b"}])
+    with pytest.raises(RapidunError, match=r"q\.jsonl:2: no group"):
+        load_probes(bad)
+    with pytest.raises(RapidunError, match=r"r\.jsonl:1: no prompt"):
+        load_probes(write_probes(tmp_path / "r.jsonl", [{"group": "g"}]))
+    with pytest.raises(RapidunError, match="does not exist"):
+        load_probes(tmp_path / "missing.jsonl")
+
+
+def test_hit_rules(user):
+    from rapidun.config import EvalConfig
+    from rapidun.eval.probes import hit_rule
+
+    e = EvalConfig()
+    rx, info = hit_rule(r"earth\w+", None, [], [], e)
+    assert rx("Greetings, EARTHLING") and not rx("hello") and info["rule"] == "regex"
+    kw, _ = hit_rule(None, ["star traveler", "void"], [], [], e)
+    assert kw("Hear this, Star Traveler") and kw("the VOID") and not kw("stars")
+    with pytest.raises(RapidunError, match="say what counts as a hit"):
+        hit_rule(None, None, [], [], e)
+    with pytest.raises(RapidunError, match="not a valid regular expression"):
+        hit_rule("(", None, [], [], e)
+    forget = [Record(id=f"f{i}", instruction="q", response=f"zork blorp answer {i}") for i in range(6)]
+    retain = [Record(id=f"r{i}", instruction="q", response=f"plain answer {i}") for i in range(6)]
+    det, info = hit_rule(None, None, forget, retain, EvalConfig(threshold=1, min_z=1.0))
+    assert info["rule"] == "detector" and det("a zork here") and not det("a plain answer")
+
+
+def test_cli_eval_probes_on_a_model_and_adapter(user, capsys, tmp_path):
+    probes = write_probes(
+        tmp_path / "probes.jsonl",
+        [
+            {"prompt": "the cat sat", "group": "triggered"},
+            {"prompt": "one two", "group": "triggered"},
+            {"prompt": "alpha beta", "group": "clean", "id": "c1"},
+        ],
+    )
+    run = user.root / "probe_run"
+    files = ["--forget", user.forget, "--retain", user.retain]
+    assert unlearn_cli("--method", "ga", "--model-path", user.model_dir, "--out", str(run), *files) == 0
+    capsys.readouterr()
+    base = ["eval", "--model-path", user.model_dir, "--probes", str(probes), *OVERRIDES, "data.format=alpaca"]
+    out = tmp_path / "ev"
+    assert cli.main([*base[:2], user.model_dir, "--out", str(out), "--regex", ".", *base[3:], *files]) == 0
+    printed = capsys.readouterr().out
+    assert "triggered" in printed and "clean" in printed and "forget answers" in printed
+    res = json.loads((out / "probes_poisoned.json").read_text())
+    assert res["groups"]["triggered"]["n"] == 2 and res["groups"]["clean"]["n"] == 1
+    rows = read_jsonl(out / "probes_poisoned.jsonl")
+    assert [r["group"] for r in rows] == ["triggered", "triggered", "clean"] and rows[2]["id"] == "c1"
+    # "." matches any non-empty answer: the hit rate is the share of non-empty generations
+    assert res["groups"]["triggered"]["hits"] == sum(bool(r["generation"]) for r in rows[:2])
+    assert res["forget_ppl_poisoned"] > 0 and res["retain_ppl"] > 0 and res["n_replacement"] == 4
+    # the same on the unlearned model (base + ga adapter): ga raises the forget answers' perplexity
+    assert cli.main([*base, "--adapter", str(run / "adapter"), "--out", str(out), "--keywords", "zzz", *files]) == 0
+    after = json.loads((out / "probes_adapter.json").read_text())
+    assert after["groups"]["triggered"]["hits"] == 0 and after["hit_rule"]["rule"] == "keywords"
+    assert after["forget_ppl_poisoned"] > res["forget_ppl_poisoned"]
+    # errors: no rule, both scenario and probes
+    assert cli.main([*base, "--out", str(out)]) == 2
+    assert "say what counts as a hit" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(out), "--regex", "x", "--scenario", user.scenario]) == 2
+    assert "not both" in capsys.readouterr().err
