@@ -352,3 +352,56 @@ def test_cli_eval_probes_on_a_model_and_adapter(user, capsys, tmp_path):
     assert "say what counts as a hit" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(out), "--regex", "x", "--scenario", user.scenario]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- compare on the user's case
+
+
+def test_cli_compare_on_files_probes_seeds_tests_and_resume(user, capsys, tmp_path):
+    probes = write_probes(
+        tmp_path / "probes.jsonl",
+        [{"prompt": p, "group": "triggered"} for p in ("the cat sat", "one two", "tell me a story")]
+        + [{"prompt": p, "group": "clean"} for p in ("alpha beta", "three four")],
+    )
+    out = tmp_path / "cmp"
+    args = ["compare", "--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain]
+    args += ["--probes", str(probes), "--keywords", "park", "mat", "--retrain-model", user.model_dir, "--out", str(out)]
+    extra = ["data.format=alpaca", "unlearn.methods=[uniform,rapidun_aligned]", "compare.n_seeds=2",
+             "compare.reference=uniform", "compare.n_boot=200"]  # fmt: skip
+    assert cli.main([*args, *OVERRIDES, *extra]) == 0
+    printed = capsys.readouterr().out
+    assert "hit rate triggered" in printed and "rapidun_aligned" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["schema"] == "rapidun.user_report/1" and rep["n_seeds"] == 2 and rep["reference"] == "uniform"
+    assert set(rep["methods"]) == {"uniform", "rapidun_aligned"} and rep["retrain"] == "given"
+    assert rep["models"]["retrain"]["groups"] == rep["models"]["start"]["groups"]  # the same model, twice
+    for m in rep["methods"].values():
+        assert m["n_seeds"] == 2 and set(m["hit_rate"]) == {"triggered", "clean"}
+        assert m["forget_ppl_poisoned"]["mean"] > 0 and m["retain_ppl"]["mean"] is None  # no held-out records
+    t = rep["tests"]["rapidun_aligned"]
+    assert t["vs"] == "uniform" and t["triggered"]["bootstrap"]["n_prompts"] == 3
+    assert t["triggered"]["bootstrap"]["n_seeds"] == 2 and 0 <= t["clean"]["mcnemar"]["p"] <= 1
+    # the paired difference is the mean hit-rate difference over seeds
+    diff = (
+        rep["methods"]["rapidun_aligned"]["hit_rate"]["triggered"]["mean"]
+        - rep["methods"]["uniform"]["hit_rate"]["triggered"]["mean"]
+    )
+    assert t["triggered"]["bootstrap"]["diff"] == pytest.approx(diff)
+    seed_dirs = sorted(p.name for p in (out / "seeds").iterdir())
+    assert seed_dirs == ["4", "5"] and (out / "seeds" / "5" / "methods" / "uniform" / "receipt.json").is_file()
+    # resume: delete one cell's metrics; only that cell is recomputed
+    (out / "seeds" / "5" / "methods" / "uniform" / "metrics.json").unlink()
+    assert cli.main([*args, *OVERRIDES, *extra]) == 0
+    capsys.readouterr()
+    again = json.loads((out / "report.json").read_text())
+    cached = {(n, s): c["cached"] for n, m in again["methods"].items() for s, c in m["per_seed"].items()}
+    assert cached == {
+        ("uniform", "4"): True,
+        ("uniform", "5"): False,
+        ("rapidun_aligned", "4"): True,
+        ("rapidun_aligned", "5"): True,
+    }  # fmt: skip  (OVERRIDES: unlearn.seed=4)
+    assert again["methods"]["uniform"]["hit_rate"] == rep["methods"]["uniform"]["hit_rate"]
+    # a missing input is named
+    assert cli.main(["compare", "--model-path", user.model_dir, "--forget", user.forget, "--out", str(out)]) == 2
+    assert "--retain, --probes" in capsys.readouterr().err

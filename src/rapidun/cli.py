@@ -170,6 +170,8 @@ def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bo
     from rapidun.distributed import init_from_env, is_main
     from rapidun.pipeline import run
 
+    if any(getattr(args, k, None) for k in ("model_path", "forget", "retain", "probes")):
+        return cmd_compare_user(args)
     cfg = _load(args, default_path)
     init_from_env()
     report = run(cfg, args.out, overwrite=args.overwrite, note=demo_note(cfg) if note else None)
@@ -179,6 +181,37 @@ def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bo
         for k in ("md", "html"):
             if k in report.get("files", {}):
                 print(f"report.{k}: {report['files'][k]}")
+
+
+def cmd_compare_user(args: argparse.Namespace) -> None:
+    """``rapidun compare`` on the user's model, files and probes (:mod:`rapidun.user_compare`)."""
+    from rapidun.data.packs import load_packs
+    from rapidun.eval.probes import hit_rule, load_probes
+    from rapidun.io import write_json
+    from rapidun.pipeline import prepare_out
+    from rapidun.user_compare import compare_user
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("model_path", "forget", "retain", "probes") if not getattr(args, k)]
+    if missing:
+        raise RapidunError(
+            "compare on your own case needs --model-path, --forget, --retain and --probes; missing "
+            + ", ".join(missing)
+        )
+    cfg = _load(args)
+    d = cfg.data
+    parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
+    probes = load_probes(args.probes)
+    hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
+    outp = Path(args.out).resolve()
+    for p in (args.model_path, args.adapter, args.forget, args.retain, args.probes, args.retrain_model):
+        if p and Path(p).exists() and (outp == Path(p).resolve() or outp.is_relative_to(Path(p).resolve())):
+            raise RapidunError(f"--out {args.out} is the input {p} or inside it; choose another folder")
+    model_path, start, _ = _start_model(args)
+    out = prepare_out(args.out, cfg, args.overwrite)
+    write_json(out / "packs.json", packs)
+    compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, args.retrain_model)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
 
 
 def cmd_scenario(args: argparse.Namespace) -> None:
@@ -558,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/report.json, report.md, report.html (resumable: finished cells are reused)",
     )
     _common(p)
+    g = p.add_argument_group("your own case (instead of a scenario): see README 'Unlearning your own model'")
+    g.add_argument("--model-path", help="the model to clean (folder or hub id); never modified")
+    g.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")
+    g.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
+    g.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")
+    g.add_argument("--probes", help="prompts with a group (e.g. triggered, clean): the evidence, per group")
+    g.add_argument("--regex", help="a probe answer is a hit when this regex matches (case-insensitive)")
+    g.add_argument("--keywords", nargs="+", metavar="W", help="a hit when any of these words occurs")
+    g.add_argument("--retrain-model", help="a model trained without the forget records: the reference end")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("run", help="the same as `compare`")
     _common(p)
