@@ -100,3 +100,60 @@ def test_file_hash(tmp_path):
     h2 = file_hash(d)
     (d / "sub" / "x").rename(d / "sub" / "y")
     assert file_hash(d) != h2  # names are part of a folder's hash
+
+
+def test_a_temp_left_by_a_dead_writer_is_removed_by_the_next_write(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    pid = subprocess.Popen(["true"])
+    pid.wait()
+    host = socket.gethostname()
+    target = tmp_path / "model"
+    stale = tmp_path / f".model.{host}-{pid.pid}.abcd1234.tmp"
+    live = tmp_path / f".model.{host}-{os.getpid()}.efgh5678.tmp"
+    other_host = tmp_path / f".model.elsewhere-{pid.pid}.ijkl9012.tmp"
+    for d in (stale, live, other_host):
+        (d / "model").mkdir(parents=True)
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "new.bin").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, other_host.name])
+
+
+def test_fault_points_are_counted_logged_and_fail_writes_from_n_on(tmp_path, monkeypatch):
+    import errno
+
+    import rapidun.io as rio
+
+    log = tmp_path / "faults.log"
+    monkeypatch.setattr(rio, "_FAULT_CALLS", 0)
+    monkeypatch.setenv("RAPIDUN_FAULT_LOG", str(log))
+    monkeypatch.setenv("RAPIDUN_FAULT_ENOSPC_AT", "3")
+    rio.fault_point("loop:step")  # 1
+    write_text(tmp_path / "a.txt", "a")  # 2 (write), 3 (wrote: no path, so no error)
+    rio.fault_point("loop:step")  # 4: a loop point never fails
+    with pytest.raises(OSError) as e:
+        write_text(tmp_path / "b.txt", "b")  # 5: a write after N fails
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "b.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "faults.log"]  # b.txt not written, no temp
+    lines = [line.split("\t") for line in log.read_text().splitlines()]
+    assert [(n, t) for n, t, _ in lines] == [("1", "loop:step"), ("2", "write:a.txt"), ("3", "wrote:a.txt"),
+                                             ("4", "loop:step"), ("5", "write:b.txt")]  # fmt: skip
+    assert lines[1][2] == str(tmp_path / "a.txt") and lines[2][2] == ""
+
+
+def test_fault_point_kill_is_a_sigkill(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from rapidun.io import write_text as w\nfor i in range(5): w(f'{i}.txt', 'x')\n"
+    env = {**__import__("os").environ, "RAPIDUN_FAULT_KILL_AT": "3"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env)
+    assert r.returncode == -9
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["0.txt"]
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".")]) == 1  # 1.txt's temp: killed at write:1.txt

@@ -36,8 +36,43 @@ def test_resolve_dtype():
 
 
 def test_resolve_model_path_local_folder(tmp_path):
-    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    for n in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / n).write_text("{}", encoding="utf-8")
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("present", "missing"),
+    [
+        (["config.json", "tokenizer.json"], r"no weights \(\*\.safetensors"),
+        (["config.json", "pytorch_model.bin"], "no tokenizer"),
+        (["model.safetensors", "vocab.json"], r"no config\.json"),
+    ],
+)
+def test_resolve_model_path_names_the_missing_files(tmp_path, present, missing):
+    for n in present:
+        (tmp_path / n).write_text("{}", encoding="utf-8")
+    with pytest.raises(RapidunError, match=missing):
+        resolve_model_path(str(tmp_path))
+
+
+def test_resolve_model_path_refuses_a_file(tmp_path):
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(RapidunError, match="is a file"):
+        resolve_model_path(str(tmp_path / "m.bin"))
+
+
+def test_uncached_hub_id_fails_fast_without_network_even_without_offline_flag(monkeypatch):
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_net(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_net)
+    with pytest.raises(RapidunError, match="cannot be reached"):
+        resolve_model_path("some-org/not-cached-model-xyz")
 
 
 def test_resolve_model_path_folder_without_config(tmp_path):

@@ -202,12 +202,11 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
-    outp = Path(args.out).resolve()
-    for p in (args.model_path, args.adapter, args.forget, args.retain, args.probes, args.retrain_model):
-        if p and Path(p).exists() and (outp == Path(p).resolve() or outp.is_relative_to(Path(p).resolve())):
-            raise RapidunError(f"--out {args.out} is the input {p} or inside it; choose another folder")
     model_path, start, _ = _start_model(args)
-    out = prepare_out(args.out, cfg, args.overwrite)
+    inputs = _identity(
+        args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "regex", "keywords"
+    )
+    out = prepare_out(args.out, cfg, args.overwrite, "compare-user", inputs)
     write_json(out / "packs.json", packs)
     compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, args.retrain_model)
     print((out / "report.md").read_text())
@@ -252,12 +251,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "say what to evaluate on: --scenario DIR (a scenario's splits) or --probes FILE (your prompts)"
         )
     from rapidun.data.scenario import load_scenario
-    from rapidun.pipeline import make_detector, stage_eval
+    from rapidun.pipeline import make_detector, prepare_out, stage_eval
 
     parts, _ = load_scenario(args.scenario)
     det, info = make_detector(cfg, parts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out, cfg, args.overwrite, "eval", _identity(args, "scenario"))
     name = args.name or Path(args.adapter or args.model_path).name
     m = stage_eval(cfg, out, name, with_adapter(args.model_path, args.adapter), parts, det)
     write_json(out / "detector.json", info)
@@ -270,6 +268,7 @@ def _eval_probes(args: argparse.Namespace, cfg: Any) -> None:
     from rapidun.eval.probes import evaluate_probes, hit_rule, load_probes
     from rapidun.io import write_json, write_jsonl
     from rapidun.models import load_model, with_adapter
+    from rapidun.pipeline import prepare_out
 
     if args.scenario:
         raise RapidunError("give either --scenario or --probes, not both")
@@ -278,15 +277,8 @@ def _eval_probes(args: argparse.Namespace, cfg: Any) -> None:
     forget = load_records(args.forget, fmt, fields) if args.forget else []
     retain = load_records(args.retain, fmt, fields) if args.retain else []
     hit, rule = hit_rule(args.regex, args.keywords, forget, retain, cfg.eval)
-    out = Path(args.out)
-    for p in (args.model_path, args.adapter):
-        if (
-            p
-            and Path(p).exists()
-            and (out.resolve() == Path(p).resolve() or out.resolve().is_relative_to(Path(p).resolve()))
-        ):
-            raise RapidunError(f"--out {args.out} is the model {p} or inside it; choose another folder")
     path = with_adapter(args.model_path, args.adapter)
+    out = prepare_out(args.out, cfg, args.overwrite, "eval", _identity(args, "probes"))
     model, tok, info = load_model(path, cfg.model.device, cfg.model.dtype)
     metrics, rows = evaluate_probes(model, tok, probes, hit, cfg.eval, cfg.model, forget, retain)
     name = args.name or Path(args.adapter or args.model_path).name
@@ -298,7 +290,6 @@ def _eval_probes(args: argparse.Namespace, cfg: Any) -> None:
         "device": info["device"],
         **metrics,
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / f"probes_{name}.jsonl", rows)
     write_json(out / f"probes_{name}.json", result)
     print(f"{name}: hit rule {rule['rule']}" + (f" ({len(rule['keywords'])} keywords)" if "keywords" in rule else ""))
@@ -338,9 +329,10 @@ def cmd_influence(args: argparse.Namespace) -> None:
 
     init_from_env()  # several ranks under torchrun / accelerate launch; results are the same
     cfg = _load(args)
-    out = prepare_out(args.out, cfg, args.overwrite) if is_main() else Path(args.out)
-    barrier()
     train, test = _records_arg(args.train, cfg), _records_arg(args.test, cfg)
+    inputs = _identity(args, "model_path", "train", "test")
+    out = prepare_out(args.out, cfg, args.overwrite, "influence", inputs) if is_main() else Path(args.out)
+    barrier()
     res = influence(args.model_path or cfg.model.name, train, test, cfg.model, cfg.influence)
     if not is_main():
         return
@@ -367,7 +359,11 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
     from rapidun.pipeline import prepare_out, stage_scenario
 
     cfg = _load(args)
-    out = prepare_out(args.out, cfg, args.overwrite)
+    extra = {
+        k: getattr(args, k) for k in ("n", "K", "topk", "loo_train", "loo_test", "loo_removed", "loo_steps", "loo_lr")
+    }
+    inputs = _identity(args, "model_path", "scenario") | extra
+    out = prepare_out(args.out, cfg, args.overwrite, "influence-check", inputs)
     parts = load_scenario(args.scenario)[0] if args.scenario else stage_scenario(cfg, out)[0]
     recs = (parts["forget"] + parts["retain"])[: args.n]
     model_name = resolve_model_path(args.model_path or cfg.model.name)
@@ -419,6 +415,25 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
             f"Spearman exact {loo['spearman_exact']:.3f} / sketched {loo['spearman_sketch']:.3f}"
         )
     print(f"written: {out / 'influence_check.json'}")
+
+
+def _identity(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
+    """What identifies an output besides the config: the given arguments, each input path with a fingerprint of
+    its content (files: SHA-256; model and scenario folders: :func:`rapidun.models.fingerprint`)."""
+    from rapidun.io import file_hash
+    from rapidun.models import fingerprint
+
+    ident: dict[str, Any] = {}
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is None or v is False:
+            continue
+        p = Path(v).expanduser() if isinstance(v, str) and INPUT_ARGS.get(k) else None
+        if p is not None and p.exists():
+            ident[k] = {"path": str(p.resolve()), "content": file_hash(p) if p.is_file() else fingerprint(str(p))}
+        else:
+            ident[k] = v
+    return ident
 
 
 def _start_model(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
@@ -477,15 +492,9 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
             "fisher calibrates its noise on held-out clean records: pass a --retain file larger than the retain "
             "buffer (the records not drawn serve as validation), or use --scenario"
         )
-    outp = Path(args.out).resolve()
-    for p in (args.model_path, args.adapter, args.forget, args.retain):
-        if p and Path(p).exists() and (outp == Path(p).resolve() or outp.is_relative_to(Path(p).resolve())):
-            raise RapidunError(
-                f"--out {args.out} is the input {p} or inside it; choose another folder (the poisoned model and "
-                "the data are never modified)"
-            )
     model_path, start, previous = _start_model(args)
-    out = prepare_out(args.out, cfg, args.overwrite) if is_main() else Path(args.out)
+    inputs = _identity(args, "method", "model_path", "adapter", "scenario", "forget", "retain", "merge")
+    out = prepare_out(args.out, cfg, args.overwrite, "unlearn", inputs) if is_main() else Path(args.out)
     barrier()
     if packs is not None and is_main():
         write_json(out / "packs.json", packs)
@@ -677,16 +686,142 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Path arguments checked when a command starts (before a config is used, a model loads or --out is claimed).
+INPUT_ARGS = {
+    "config": "file",
+    "study": "file",
+    "scenario": "scenario",
+    "forget": "file",
+    "retain": "file",
+    "probes": "file",
+    "train": "file",
+    "test": "file",
+    "adapter": "adapter",
+    "model_path": "model",
+    "retrain_model": "model",
+    "model": "model",
+}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input path exists, is of the right kind and readable; ``--out`` is none of them and inside none.
+
+    Raises:
+        RapidunError: naming the flag, the path and what to do.
+    """
+    import re
+
+    from rapidun.models import DEFAULT_MODEL, GEMMA_MODEL, resolve_model_path
+
+    swallowed = [w for w in getattr(args, "keywords", None) or [] if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", w)]
+    if swallowed:
+        raise RapidunError(
+            f"--keywords took {swallowed}, which look like config overrides; put the overrides before --keywords "
+            "(or end the keyword list with --)"
+        )
+    paths: list[tuple[str, Path]] = []
+    for k, kind in INPUT_ARGS.items():
+        v = getattr(args, k, None)
+        if not v:
+            continue
+        flag = k if k == "study" else "--" + k.replace("_", "-")
+        p = Path(v).expanduser()
+        if kind == "model":
+            if v not in (DEFAULT_MODEL, GEMMA_MODEL):
+                resolve_model_path(v)
+                if p.exists():
+                    paths.append((flag, p))
+            continue
+        if not p.exists():
+            raise RapidunError(f"{flag} {v} does not exist; check the path")
+        if kind == "file":
+            if not p.is_file():
+                raise RapidunError(f"{flag} {v} is a folder; give a file")
+            if not os.access(p, os.R_OK):
+                raise RapidunError(f"{flag} {v}: not readable (permissions); fix them or copy the file")
+        elif kind == "scenario" and not (p / "manifest.json").is_file():
+            raise RapidunError(
+                f"{flag} {v} is not a scenario folder (no manifest.json); give OUT/scenario of `rapidun scenario`"
+            )
+        elif kind == "adapter" and not (p / "adapter_config.json").is_file():
+            raise RapidunError(
+                f"{flag} {v}: no adapter_config.json there; point it at a PEFT adapter folder (e.g. OUT/adapter of "
+                "`rapidun unlearn`)"
+            )
+        paths.append((flag, p))
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    o = Path(out).expanduser().resolve()
+    for flag, p in paths:
+        r = p.resolve()
+        if o == r or (r.is_dir() and o.is_relative_to(r)):
+            raise RapidunError(
+                f"--out {out} is the input {flag} {p} or inside it; choose another folder (inputs are never modified)"
+            )
+        if r.is_relative_to(o) and flag != "--config":
+            raise RapidunError(
+                f"the input {flag} {p} lies inside --out {out}; choose another --out (a replaced output is deleted, "
+                "and inputs are never modified)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``rapidun`` console script."""
+    """Entry point of the ``rapidun`` console script.
+
+    Exit status: 0 done; 2 a user error (one message, what is wrong, where, what to do); 130 interrupted (rerun
+    the same command to resume); 1 a bug (traceback and a request to report it).
+    """
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        check_inputs(args)
         args.fn(args)
+        if getattr(args, "out", None) and args.cmd != "study":
+            from rapidun.distributed import is_main
+            from rapidun.pipeline import mark_complete
+
+            if is_main():
+                mark_complete(args.out)
     except RapidunError as e:
         print(f"rapidun: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nrapidun: interrupted; rerun the same command to resume (finished parts are kept)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(
+                f"rapidun: error: no space left on the device{where}; free some space (or point --out / "
+                "RAPIDUN_CACHE elsewhere) and rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 2
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"rapidun: error: cannot write {e.filename or ''}: {e.strerror}; check permissions", file=sys.stderr)
+            return 2
+        return _bug()
+    except Exception:
+        return _bug()
     return 0
+
+
+def _bug() -> int:
+    """An unexpected exception: the traceback, then one line asking for a report (exit status 1)."""
+    import traceback
+
+    from rapidun import __version__
+
+    traceback.print_exc()
+    print(
+        f"rapidun {__version__}: this is a bug, not a problem with your input; please report it with the command "
+        "line and the traceback above",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from rapidun.distributed import barrier, broadcast, is_main
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector
 from rapidun.eval.evaluate import METRIC_KEYS, METRICS_VERSION, evaluate_loaded
-from rapidun.io import read_json, stable_hash, write_json
+from rapidun.io import fault_point, read_json, stable_hash, write_json
 from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
 from rapidun.models import fingerprint
@@ -124,6 +124,7 @@ def run_cell(
     the poisoned model's per-sample losses between cells. ``label`` (default ``name``) names the cell, so one
     method can run under several settings side by side (``rapidun study``).
     """
+    fault_point("compare:cell")
     m = get_method(name)
     label = label or name
     rel = f"seeds/{seed}/methods/{label}"

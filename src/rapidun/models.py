@@ -154,21 +154,56 @@ def resolve_model_path(name: str) -> str:
         return str(gemma_model_dir())
     p = Path(name).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise RapidunError(f"model folder {p} has no config.json; point --model at a saved transformers model")
+        if not p.is_dir():
+            raise RapidunError(f"model path {p} is a file; point it at a saved transformers model folder")
+        missing = missing_model_files(p)
+        if missing:
+            raise RapidunError(
+                f"model folder {p} is incomplete: no {'; no '.join(missing)}; point it at a folder written by "
+                "save_pretrained (model and tokenizer)"
+            )
         return str(p)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_local:
         raise RapidunError(f"model path {name} does not exist; give an existing folder, a hub id, or 'default'")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        if try_to_load_from_cache(name, "config.json") is None:
+    if try_to_load_from_cache(name, "config.json") is None:
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if os.environ.get("HF_HUB_OFFLINE") == "1" else None
+        why = why or _hub_unreachable()
+        if why:
             raise RapidunError(
-                f"model {name!r} is not a local folder and is not in the Hugging Face cache, and "
-                "HF_HUB_OFFLINE=1 forbids downloading it; use an existing folder or 'default'"
+                f"model {name!r} is not a local folder and is not in the Hugging Face cache, and {why}; "
+                "use an existing folder or 'default', or download it where there is network "
+                "(huggingface-cli download) and point --model-path at that folder"
             )
     return name
+
+
+def missing_model_files(folder: Path) -> list[str]:
+    """What a model folder lacks to be loaded: config, weights, tokenizer (descriptions; empty when complete)."""
+    names = {q.name for q in folder.iterdir()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}:
+        missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    return missing
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one quick TCP connect instead of minutes of retries), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"the hub ({url.hostname}) cannot be reached from here ({e.strerror or e})"
+    return None
 
 
 def load_tokenizer(path: str) -> Any:

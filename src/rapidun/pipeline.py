@@ -27,7 +27,7 @@ from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector, build_detector
 from rapidun.eval.evaluate import EVAL_SPLITS, METRIC_KEYS, METRICS_VERSION, evaluate_model
 from rapidun.finetune import finetune
-from rapidun.io import read_json, stable_hash, write_json, write_text
+from rapidun.io import is_atomic_temp, read_json, stable_hash, write_json, write_text
 from rapidun.memory import PeakMemory
 from rapidun.methods import get_method
 
@@ -40,42 +40,91 @@ def run_identity(cfg: RunConfig) -> str:
     return stable_hash(d)
 
 
-def prepare_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
-    """Create/claim the run folder. A folder holding a different run is refused unless ``overwrite``.
+def prepare_out(
+    out: str | Path, cfg: RunConfig, overwrite: bool, kind: str = "run", inputs: dict[str, Any] | None = None
+) -> Path:
+    """Create/claim the output folder: ``run.json`` says what it holds (``kind``, config and input identity).
 
-    ``compare.*`` and ``unlearn.methods`` are not part of the run's identity (:func:`run_identity`): a rerun with
-    more seeds or methods extends the same run (finished cells are reused).
-    Single-process (call it on rank 0; :func:`run` broadcasts its outcome).
+    A folder holding a different run (another kind, config or inputs) is refused unless ``overwrite``; with
+    ``overwrite`` everything the replaced run wrote is removed first, so no stale file (an old ``merged/``, an old
+    ``eval/``) survives beside the new ones. A non-empty folder that holds no rapidun run is never deleted, not even
+    with ``overwrite``. The same run is resumed (its finished parts are reused). The marker's ``complete`` stays
+    false until :func:`mark_complete` at the command's very end.
+
+    ``compare.*`` and ``unlearn.methods`` are not part of a pipeline run's identity (:func:`run_identity`): a rerun
+    with more seeds or methods extends the same run (finished cells are reused).
+    Single-process (call it on rank 0; :func:`claim_out` broadcasts its outcome).
+
+    Args:
+        out: The output folder.
+        cfg: The resolved config.
+        overwrite: Replace a different run's folder.
+        kind: What the command writes: ``run`` (scenario/poison/compare/demo, which extend one another), or
+            ``unlearn``, ``eval``, ``influence``, ``compare-user``, ...
+        inputs: What else identifies the output (input paths and their content fingerprints, the method).
     """
     out = Path(out)
     marker = out / "run.json"
-    h = run_identity(cfg)
+    base = run_identity(cfg)
+    h = base if kind == "run" and not inputs else stable_hash([base, kind, inputs or {}])
     legacy = (stable_hash({k: v for k, v in to_dict(cfg).items() if k != "compare"}), stable_hash(to_dict(cfg)))
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise RapidunError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(not is_atomic_temp(p) for p in out.iterdir()):  # a killed first write leaves a temp
         if not marker.is_file():
+            raise RapidunError(
+                f"output folder {out} is not empty and holds no rapidun run; rapidun never deletes files it did not "
+                "write (not even with --overwrite): choose another --out or empty it"
+            )
+        try:
+            old = read_json(marker)
+        except (OSError, ValueError):
+            old = {}
+        old_kind = old.get("kind", "run")
+        same = old_kind == kind and old.get("config_hash") in (h, *((legacy) if kind == "run" else ()))
+        if not same:
+            what = f"a `{old_kind}` output" + (" with a different config or inputs" if old_kind == kind else "")
             if not overwrite:
                 raise RapidunError(
-                    f"output folder {out} is not empty and holds no rapidun run; choose another "
-                    "--out or pass --overwrite"
+                    f"output folder {out} holds {what}; choose another --out, or pass --overwrite to replace it "
+                    "(everything in it is removed first)"
                 )
-        elif read_json(marker).get("config_hash") not in (h, *legacy) and not overwrite:
-            # (legacy: markers written before unlearn.methods and compare.* were left out of the run's identity)
-            raise RapidunError(
-                f"output folder {out} holds a run with a different config; choose another --out, "
-                "or pass --overwrite to replace its results"
-            )
+            clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"config_hash": h, "rapidun": __version__})
+    write_json(
+        marker, {"kind": kind, "config_hash": h, "inputs": inputs or {}, "rapidun": __version__, "complete": False}
+    )
     write_text(out / "config.resolved.yaml", dump_yaml(cfg))
     return out
 
 
-def claim_out(out: str | Path, cfg: RunConfig, overwrite: bool) -> Path:
+def clear_folder(out: Path) -> None:
+    """Remove everything in ``out`` (a rapidun output being replaced), the marker last: a crash half-way leaves a
+    folder that is still recognised as rapidun's and is cleared again by the next ``--overwrite``."""
+    import shutil
+
+    for p in sorted(out.iterdir(), key=lambda q: q.name == "run.json"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def mark_complete(out: str | Path) -> None:
+    """Set ``complete: true`` in ``out/run.json`` (the command finished; the last write of every command)."""
+    marker = Path(out) / "run.json"
+    if marker.is_file():
+        write_json(marker, read_json(marker) | {"complete": True})
+
+
+def claim_out(
+    out: str | Path, cfg: RunConfig, overwrite: bool, kind: str = "run", inputs: dict[str, Any] | None = None
+) -> Path:
     """:func:`prepare_out` on rank 0; its error, if any, is raised on every rank."""
     err = None
     if is_main():
         try:
-            prepare_out(out, cfg, overwrite)
+            prepare_out(out, cfg, overwrite, kind, inputs)
         except RapidunError as e:
             err = str(e)
     err = broadcast(err)

@@ -28,6 +28,7 @@ from rapidun.data.template import Batch, Encoded, collate, length_batches
 from rapidun.distributed import rank_world
 from rapidun.errors import RapidunError
 from rapidun.functional import per_sample_ce, per_sample_nll
+from rapidun.io import fault_point
 from rapidun.methods import losses
 
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, batch) -> (B,) per-sample losses
@@ -110,6 +111,7 @@ def train(
     bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
     for _epoch in range(cfg.epochs):
         for idx in length_batches(lengths, cfg.batch_size, gen):
+            fault_point("sft:step")
             batch = collate([samples[i] for i in idx], pad_id).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 losses = loss_fn(model, batch)  # (B,)
@@ -397,6 +399,7 @@ def unlearn_loop(
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
     for step, batch in enumerate(batches):
+        fault_point("unlearn:step")
         if refresh is not None and refresh_every > 0 and step > 0 and step % refresh_every == 0:
             w_f = refresh(model).float()
             stats["refreshes"] += 1

@@ -81,21 +81,40 @@ def asset_path(name: str) -> Path:
     return Path(str(resources.files("rapidun.data") / "assets" / name))
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (``.gz``: gzip), decoded line by line so that a decoding error names
+    the line it is on."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RapidunError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line"
-                ) from None
-            if not isinstance(row, dict):
-                raise RapidunError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            yield lineno, row
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise RapidunError(
+                        f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); save the file "
+                        "as UTF-8"
+                    ) from None
+    except (OSError, EOFError) as e:  # gzip: not a gzip file, truncated stream
+        raise RapidunError(
+            f"{path}:{lineno + 1}: cannot be read ({e}); is the file complete and in its format?"
+        ) from None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RapidunError(
+                f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise RapidunError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        yield lineno, row
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -107,13 +126,18 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise RapidunError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise RapidunError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         if not isinstance(data, list):
             raise RapidunError(f"{path}: expected a JSON list of objects (or use .jsonl)")
         yield from ((i + 1, r) for i, r in enumerate(data))
     elif name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            for lineno, row in enumerate(csv.DictReader(fh), 2):
-                yield lineno, dict(row)
+        reader = csv.DictReader(line for _, line in _lines(path))
+        try:
+            for row in reader:
+                yield reader.line_num, dict(row)
+        except csv.Error as e:
+            raise RapidunError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     else:
         raise RapidunError(f"{path}: unknown file type; use .jsonl, .jsonl.gz, .json or .csv")
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rapidun.distributed import gather_dicts, rank_world
+from rapidun.io import fault_point
 
 
 class DecidedStop(StoppingCriteria):
@@ -57,6 +58,7 @@ def generate(
     rank, world = rank_world() if shard else (0, 1)
     starts = list(range(0, len(order), batch_size))[rank::world]
     for s in tqdm(starts, desc=desc, unit="batch", mininterval=2.0, disable=rank != 0):
+        fault_point("eval:batch")
         idx = order[s : s + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         T = enc["input_ids"].shape[1]

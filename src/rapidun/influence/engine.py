@@ -23,7 +23,7 @@ from rapidun.influence.cache import SketchCache
 from rapidun.influence.grads import ParamSet, has_answer, per_sample_grads, restrict_labels, select_params
 from rapidun.influence.retrieval import influence_matrix, topk
 from rapidun.influence.sketch import RapidGrad
-from rapidun.io import stable_hash
+from rapidun.io import fault_point, stable_hash
 from rapidun.models import attach_lora, cache_root, fingerprint, load_model, resolve_model_path
 
 
@@ -121,6 +121,7 @@ def sketch_records(
     starts = list(range(0, len(recs), icfg.batch_size))
     mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
     for s in tqdm(starts[rank::world], desc=desc, unit="batch", mininterval=2.0, disable=rank != 0):
+        fault_point("influence:batch")
         batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
         if hot is not None:
             batch.labels = restrict_labels(batch.labels, hot)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rapidun.io import read_json
+from rapidun.io import fault_point, read_json
 from rapidun.reporting import plots, tables
 from rapidun.reporting.doc import Block, Code, Facts, Figure, Heading, Note
 from rapidun.reporting.load import SCHEMA, RunData, as_dict, finite, get, num, read_jsonl
@@ -330,6 +330,7 @@ def build(run: RunData) -> list[Block]:
         ("Timings", lambda: timing_plot(run)),
     ]
     for title, fn in sections:
+        fault_point("report:section")
         blocks += [Heading(title, 3), *_guard(title, fn)]
     blocks += [Heading("Top samples", 2, "samples"), *_guard("Top samples", lambda: tables.top_samples(run, REFERENCE))]
     blocks += _guard("Config and environment", lambda: config_and_env(run))
