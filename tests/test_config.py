@@ -26,11 +26,11 @@ def test_defaults_load():
 def test_yaml_and_dotted_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("sft:\n  lr: 1.0e-3\n  epochs: 5\nscenario:\n  splits:\n    train_clean: 99\n", encoding="utf-8")
-    cfg = load_config(p, ["sft.lr=0.0005", "scenario.splits.train_clean=10", "eval.keywords=[foo, bar]"])
+    cfg = load_config(p, ["sft.lr=0.0005", "scenario.splits.train_clean=50", "eval.keywords=[foo, bar]"])
     assert cfg.sft.lr == pytest.approx(5e-4)
     assert isinstance(cfg.sft.lr, float)
     assert cfg.sft.epochs == 5  # from the YAML, untouched by overrides
-    assert cfg.scenario.splits.train_clean == 10
+    assert cfg.scenario.splits.train_clean == 50
     assert cfg.scenario.splits.train_poisoned == 60  # default kept
     assert cfg.eval.keywords == ["foo", "bar"]
 
@@ -142,7 +142,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_dump_yaml_round_trips(tmp_path):
-    cfg = load_config(None, ["sft.lr=0.0005", "scenario.splits.train_clean=10"])
+    cfg = load_config(None, ["sft.lr=0.0005", "scenario.splits.train_clean=50"])
     p = tmp_path / "resolved.yaml"
     p.write_text(dump_yaml(cfg), encoding="utf-8")
     assert load_config(p) == cfg
