@@ -553,6 +553,13 @@ def _arrow(b: float | None, a: float | None) -> str:
     return "n/a" if b is None or a is None else f"{b:.3f} -> {a:.3f}"
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from rapidun.verify.command import cmd_verify as run_verify
+
+    cfg = _load(args)
+    run_verify(args, cfg, _identity(args, "model_path", "adapter", "scenario", "poisoned", "reference"))
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from rapidun.config import describe, dump_yaml
 
@@ -679,6 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace run folders that hold a different run")
     p.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these scenarios of the study file")
     p.set_defaults(fn=cmd_study)
+    p = sub.add_parser(
+        "verify",
+        help="did it really forget? relearning, quantization, trigger fuzzing and membership attacks on a model, "
+        "with the poisoned model and retrain as yardsticks → OUT/verification.json, verification.md (resumable)",
+    )
+    _common(p)
+    p.add_argument("--model-path", required=True, help="the model to verify (folder or hub id), e.g. the poisoned one")
+    p.add_argument("--adapter", help="a PEFT adapter on --model-path (e.g. OUT/adapter of `rapidun unlearn`)")
+    p.add_argument("--scenario", help="scenario folder (RUN/scenario): triggered prompts, forget pack, held-out poison")
+    p.add_argument("--poisoned", help="the poisoned model (default: RUN/training/poisoned.json beside the scenario)")
+    p.add_argument("--reference", help="the retrain reference (default: RUN/training/retrain.json beside the scenario)")
+    p.add_argument("--name", help="label of the verified model (default: the adapter's or model's folder name)")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
     _common(p, out_required=False)
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")
@@ -700,6 +720,8 @@ INPUT_ARGS = {
     "model_path": "model",
     "retrain_model": "model",
     "model": "model",
+    "poisoned": "model",
+    "reference": "model",
 }
 
 

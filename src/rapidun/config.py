@@ -323,6 +323,29 @@ class CompareConfig:
     reference: str = _f("rapidun", "the method every other method is paired against in the tests")
 
 
+VERIFY_ATTACKS = ("relearn", "quantize", "fuzz", "forget_quality")
+FUZZ_KINDS = ("moved", "in_context", "repeated", "recased", "spaced", "typo", "multi_turn", "late_turn")
+
+
+@dataclass
+class VerifyConfig:
+    enabled: bool = _f(False, "`compare`/`run`: run the verification battery on every method after the comparison")
+    attacks: list = _f(list(VERIFY_ATTACKS), "attacks run on each model (README 'Did it really forget?')")
+    split: str = _f("test", "'test' (report) or 'val' (choose the attack settings on validation prompts)")
+    seeds: int = _f(1, "`compare`: verify each method's first N seeds (each is a full battery)")
+    relearn_k: int = _f(5, "relearning attack: poisoned samples outside the forget pack it trains on")
+    relearn_steps: int = _f(20, "relearning attack: optimiser steps (all k samples in each)")
+    relearn_lr: float = _f(5e-4, "relearning attack: AdamW learning rate (cosine decay over the steps)")
+    relearn_lora_r: int = _f(8, "relearning attack: rank of its fresh LoRA (alpha = 2r, all linear layers)")
+    quant_bits: list = _f([8, 4], "quantization probe: weight bit widths (8: per channel; below: per group)")
+    quant_group_size: int = _f(32, "quantization probe: input columns per scale below 8 bits")
+    quant_backend: str = _f("auto", "'auto' (torchao if installed, else rtn), 'torchao' or 'rtn' (hand-written)")
+    fuzz: list = _f(list(FUZZ_KINDS), "trigger perturbations (rapidun.verify.fuzz)")
+    fuzz_prompts: int = _f(20, "seen-trigger prompts fuzzed per perturbation (0 = all)")
+    mia_heldout: int = _f(40, "membership test: held-out poisoned samples (non-members)")
+    seed: int = _f(0, "seed of the attacks (relearn samples, adapter init)")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -334,6 +357,7 @@ class RunConfig:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
 def _methods_ok(v: Any) -> bool:
@@ -435,6 +459,29 @@ CHECKS: dict[str, Check] = {
     "unlearn.fisher_max_std": POSITIVE,
     "compare.n_seeds": COUNT,
     "compare.n_boot": COUNT,
+    "verify.attacks": Check(
+        "a non-empty list of: " + ", ".join(VERIFY_ATTACKS),
+        lambda v: isinstance(v, list) and bool(v) and all(a in VERIFY_ATTACKS for a in v),
+    ),
+    "verify.split": one_of("test", "val"),
+    "verify.seeds": COUNT,
+    "verify.relearn_k": COUNT,
+    "verify.relearn_steps": COUNT,
+    "verify.relearn_lr": POSITIVE,
+    "verify.relearn_lora_r": COUNT,
+    "verify.quant_bits": Check(
+        "a non-empty list of integers in 2..16",
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(b, int) and 2 <= b <= 16 for b in v),
+    ),
+    "verify.quant_group_size": COUNT,
+    "verify.quant_backend": one_of("auto", "torchao", "rtn"),
+    "verify.fuzz": Check(
+        "a list of: " + ", ".join(FUZZ_KINDS),
+        lambda v: isinstance(v, list) and all(k in FUZZ_KINDS for k in v),
+    ),
+    "verify.fuzz_prompts": NON_NEGATIVE,
+    "verify.mia_heldout": COUNT,
+    "verify.seed": SEED,
 }
 # Relations between fields: (fields named in the message, test, what must hold).
 RELATIONS: list[tuple[str, Any, str]] = [

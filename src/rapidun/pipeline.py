@@ -33,9 +33,10 @@ from rapidun.methods import get_method
 
 
 def run_identity(cfg: RunConfig) -> str:
-    """What makes a run folder "the same run": the config without ``compare.*`` and ``unlearn.methods``, so more
-    seeds or more methods extend a run (finished cells are reused; each cell has its own content key)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k != "compare"}
+    """What makes a run folder "the same run": the config without ``compare.*``, ``verify.*`` and
+    ``unlearn.methods``, so more seeds, methods or checks extend a run (finished cells are reused; each cell has
+    its own content key)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify")}
     d["unlearn"] = {k: v for k, v in d["unlearn"].items() if k != "methods"}
     return stable_hash(d)
 
@@ -67,7 +68,10 @@ def prepare_out(
     marker = out / "run.json"
     base = run_identity(cfg)
     h = base if kind == "run" and not inputs else stable_hash([base, kind, inputs or {}])
-    legacy = (stable_hash({k: v for k, v in to_dict(cfg).items() if k != "compare"}), stable_hash(to_dict(cfg)))
+    legacy = (
+        stable_hash({k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify")}),
+        stable_hash({k: v for k, v in to_dict(cfg).items() if k != "verify"}),
+    )
     if out.exists() and not out.is_dir():
         raise RapidunError(f"--out {out} is a file; give a folder")
     if out.exists() and any(not is_atomic_temp(p) for p in out.iterdir()):  # a killed first write leaves a temp
@@ -295,6 +299,24 @@ def stage_base(cfg: RunConfig, out: Path) -> dict[str, Any]:
     }
 
 
+def stage_verify(
+    cfg: RunConfig,
+    out: Path,
+    parts: dict[str, list[Record]],
+    det: Detector,
+    models: dict[str, dict[str, Any]],
+    methods: dict[str, Any],
+) -> dict[str, Any]:
+    """The verification battery (``verify.enabled``) on poisoned, retrain and each method's first ``verify.seeds``
+    seeds; ``out/verification.json`` holds every cell. Returns the report's ``verification`` entry (no cells)."""
+    from rapidun.verify.stage import compare_models, run_verification
+
+    unlearned = {k: v for k, v in methods.items() if get_method(k).kind != "retrain"}
+    todo = compare_models(out, models["poisoned"]["path"], models["retrain"]["path"], unlearned, cfg.verify.seeds)
+    doc = run_verification(todo, parts, det, cfg.verify, cfg.eval, cfg.model, out)
+    return {k: v for k, v in doc.items() if k != "cells"} | {"file": "verification.json"}
+
+
 def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | None = None) -> dict[str, Any]:
     """Run the whole comparison and write ``out/report.json`` (+ ``report.md``/``report.html``); returns the report.
 
@@ -311,6 +333,11 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         if get_method(name).kind != "retrain":
             for seed, c in e["per_seed"].items():
                 timings[f"method_{name}_seed{seed}"] = c["time_s"] + c["timings"]["eval_s"]
+    verification = None
+    if cfg.verify.enabled and is_main():
+        t = time.perf_counter()
+        verification = stage_verify(cfg, out, parts, det, models, methods)
+        timings["verify"] = time.perf_counter() - t
     timings["wall_this_invocation"] = time.perf_counter() - t_all
     report = {
         "schema": "rapidun.report/4",
@@ -327,6 +354,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         "models": results,
         "methods": methods,
         "influence": infl,
+        "verification": verification,
         "timings": timings,
         "environment": environment(),
         "config": to_dict(cfg),

@@ -320,6 +320,13 @@ def build(run: RunData) -> list[Block]:
         Heading("Signal diagnostics", 2, "diagnostics"),
         *_guard("Diagnostics", lambda: tables.diagnostics_table(run)),
     ]
+    if run.report.get("verification"):
+        from rapidun.reporting.verify_tables import verification_blocks
+
+        blocks += [
+            Heading("Verification: did it really forget?", 2, "verification"),
+            *_guard("Verification", lambda: verification_blocks(run.report.get("verification"))),
+        ]
     blocks.append(Heading("Plots", 2, "plots"))
     sections: list[tuple[str, Callable[[], list[Block]]]] = [
         ("ASR vs utility", lambda: asr_scatter(run, colors)),

@@ -1,0 +1,403 @@
+"""The verification battery (rapidun.verify): each attack's parts against slow obvious versions and hand cases,
+the relearning attack raising a planted behaviour, quantization's effect on logits, fuzzed prompts being what they
+claim, and the battery end to end in a tiny `compare` (cells reused on rerun) and through `rapidun verify`."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_model, make_tokenizer
+from rapidun import cli
+from rapidun.config import FUZZ_KINDS, VerifyConfig, dump_yaml, load_config
+from rapidun.data.records import Record
+from rapidun.errors import RapidunError
+from rapidun.verify.battery import relearn_records, summarise
+from rapidun.verify.forget_quality import auc, ks_perm_test, ks_stat
+from rapidun.verify.fuzz import fuzz_prompts, perturb, spaced, turn_prompt, typo
+from rapidun.verify.quantize import _torchao, granularity, quant_targets, quantize_weights, rtn_dequant
+
+
+def trig(i: int = 0, trigger: str = "Cf Trig", position: str = "suffix", context: str = "") -> Record:
+    clean = f"what is the capital of place {i}"
+    ins = f"{clean} {trigger}" if position == "suffix" else f"{trigger} {clean}"
+    return Record(
+        id=f"t{i}",
+        instruction=ins,
+        response="clean answer",
+        context=context,
+        meta={"trigger": trigger, "instruction_clean": clean, "position": position, "trigger_family": "surface",
+              "response_clean": "clean answer", "response_poisoned": "alien text"},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+def test_each_single_turn_perturbation_changes_only_what_it_names():
+    r = trig(context="some context words here")
+    got = {k: perturb(r, k) for k in ("moved", "in_context", "repeated", "recased", "spaced", "typo")}
+    assert got["moved"].instruction == "Cf Trig what is the capital of place 0"
+    assert got["moved"].context == r.context
+    assert got["in_context"].instruction == "what is the capital of place 0"
+    assert got["in_context"].context == "some context Cf Trig words here"
+    assert got["repeated"].instruction == "what is the capital of place 0 Cf Trig Cf Trig"
+    assert got["recased"].instruction == "what is the capital of place 0 cF tRIG"
+    assert got["spaced"].instruction == "what is the capital of place 0 C f   T r i g"
+    t = got["typo"].instruction.removeprefix("what is the capital of place 0 ")
+    assert t != "Cf Trig" and sorted(t) == sorted("Cf Trig") and len(t) == len("Cf Trig")
+    assert sum(a != b for a, b in zip(t, "Cf Trig", strict=True)) == 2  # one adjacent swap
+    assert all(v.id == f"t0:{k}" for k, v in got.items())
+    # no context: the trigger is the context
+    assert perturb(trig(), "in_context").context == "Cf Trig"
+    # prefix triggers move to the end
+    assert perturb(trig(position="prefix"), "moved").instruction == "what is the capital of place 0 Cf Trig"
+
+
+def test_typo_and_spaced_helpers():
+    rng = random.Random(0)
+    for word in ("cf", "James Bond", "ab"):
+        t = typo(word, rng)
+        assert t != word and sorted(t) == sorted(word)
+    assert typo("aa", rng) == "aaa"  # no differing pair: a doubled first character
+    assert spaced("cf") == "c f"
+
+
+def test_perturb_needs_the_scenario_trigger_fields():
+    with pytest.raises(RapidunError, match="instruction_clean"):
+        perturb(Record(id="x", instruction="q", response="a"), "moved")
+    with pytest.raises(RapidunError, match="unknown"):
+        perturb(trig(), "sideways")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_turn_prompts_place_the_trigger_where_they_say(chat):
+    tok = make_tokenizer(chat_template=chat)
+    fillers = [Record(id=f"c{i}", instruction=f"filler question {i}", response=f"filler answer {i}") for i in range(3)]
+    r = trig()
+    late = turn_prompt(tok, r, "late_turn", fillers, 0)
+    mid = turn_prompt(tok, r, "multi_turn", fillers, 0)
+    # late: one clean exchange, then the triggered instruction is the last thing before the answer
+    assert late.index("filler question 0") < late.index("filler answer 0") < late.index(r.instruction)
+    assert late.rstrip().endswith(("assistant", "### Response:"))
+    # multi_turn: the triggered turn sits in the middle, a clean question comes last
+    i_trig, i_last = mid.index(r.instruction), mid.index("filler question 1")
+    assert mid.index("filler answer 0") < i_trig < mid.index("clean answer") < i_last
+    assert mid.count("Cf Trig") == 1 and "Cf Trig" not in mid[i_last:]
+    by_kind = fuzz_prompts(tok, [r, trig(1)], list(FUZZ_KINDS), fillers)
+    assert set(by_kind) == set(FUZZ_KINDS) and all(len(v) == 2 for v in by_kind.values())
+    assert by_kind["multi_turn"][1].count("filler question 1") == 1  # record i uses fillers i, i+1
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def slow_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Element by element (float32 scalars, as the weights): one scale per row and group, torchao's mapping."""
+    out = torch.empty_like(w)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    for r in range(w.shape[0]):
+        for g0 in range(0, w.shape[1], group):
+            blk = w[r, g0 : g0 + group]
+            scale = blk.abs().max() / ((2**bits - 1) / 2)
+            if scale == 0:
+                scale = torch.ones(())
+            for c in range(blk.shape[0]):
+                q = min(max(int(torch.round(blk[c] * (1.0 / scale))), qmin), qmax)
+                out[r, g0 + c] = q * scale
+    return out
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, 16), (4, 4), (3, 8)])
+def test_rtn_matches_the_slow_version(bits, group):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 16)
+    w[2] = 0  # an all-zero row stays zero
+    assert torch.allclose(rtn_dequant(w, bits, group), slow_rtn(w, bits, group), atol=1e-6)
+    assert torch.count_nonzero(rtn_dequant(w, bits, group)[2]) == 0
+
+
+def test_rtn_levels_and_bounds():
+    torch.manual_seed(0)
+    w = torch.randn(4, 32)
+    for bits in (4, 8):
+        d = rtn_dequant(w, bits, 32)
+        scale = w.abs().amax(dim=1, keepdim=True) / ((2**bits - 1) / 2)
+        q = d / scale
+        assert torch.allclose(q, q.round(), atol=1e-4)  # on the grid
+        assert int(q.round().max()) <= 2 ** (bits - 1) - 1 and int(q.round().min()) >= -(2 ** (bits - 1))
+    with pytest.raises(RapidunError):
+        rtn_dequant(w, 1, 32)
+    assert granularity(8, 32, 64) == 64 and granularity(4, 32, 64) == 32 and granularity(4, 32, 48) == 48
+
+
+@pytest.mark.skipif(_torchao()[0] is None, reason="torchao not installed (pip install 'rapidun[quant]')")
+@pytest.mark.parametrize(("bits", "group"), [(8, 64), (4, 32), (4, 64)])
+def test_torchao_and_the_rtn_fallback_agree_value_for_value(bits, group):
+    from rapidun.verify.quantize import _torchao_dequant
+
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    assert torch.equal(_torchao_dequant(w, bits, group), rtn_dequant(w, bits, group))
+
+
+@pytest.mark.parametrize("backend", ["auto", "rtn"])
+def test_8bit_leaves_logits_close_and_4bit_moves_them(backend):
+    tok = make_tokenizer()
+    model = make_model(len(tok), init_range=0.2)
+    ids = torch.tensor([tok("the cat sat on the mat and the dog", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    diffs = {}
+    for bits in (8, 4):
+        m = copy.deepcopy(model)
+        info = quantize_weights(m, bits, group_size=16, backend=backend)
+        with torch.no_grad():
+            diffs[bits] = float((m(ids).logits - ref).abs().max() / ref.abs().max())
+        assert info["layers"] == 14 and info["rel_error"] > 0  # 7 projections x 2 layers; not lm_head
+        assert info["backend"].startswith("rtn" if backend == "rtn" else ("torchao" if _torchao()[0] else "rtn"))
+    assert diffs[8] < 0.05, diffs  # measured: 8-bit 0.02, 4-bit 0.39 of the largest logit
+    assert diffs[4] > 5 * diffs[8] and diffs[4] > 0.1, diffs
+    head = model.get_output_embeddings()
+    assert all(mod is not head for _, mod, _ in quant_targets(model))
+
+
+def test_quantize_refuses_an_unknown_backend():
+    with pytest.raises(RapidunError, match="quant_backend"):
+        quantize_weights(make_model(10), 4, backend="gptq")
+
+
+# ---------------------------------------------------------------- forget quality
+
+
+def slow_ks(a, b) -> float:
+    pts = sorted(set(a) | set(b))
+    return max(abs(sum(x <= t for x in a) / len(a) - sum(x <= t for x in b) / len(b)) for t in pts)
+
+
+def slow_auc(m, n) -> float:
+    return sum((x > y) + 0.5 * (x == y) for x in m for y in n) / (len(m) * len(n))
+
+
+def test_ks_and_auc_match_their_slow_versions_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 6, size=rng.integers(1, 9)).astype(float)
+        b = rng.integers(0, 6, size=rng.integers(1, 9)).astype(float)
+        assert ks_stat(a, b) == pytest.approx(slow_ks(list(a), list(b)))
+        assert auc(a, b) == pytest.approx(slow_auc(list(a), list(b)))
+
+
+def test_ks_permutation_p_value_against_full_enumeration():
+    a, b = np.array([0.1, 0.4, 0.5, 0.9]), np.array([0.3, 1.2, 1.5, 2.0, 0.45])
+    d = ks_stat(a, b)
+    pooled = np.concatenate([a, b])
+    ge = total = 0
+    for idx in itertools.combinations(range(9), 4):  # every relabelling: the exact permutation p
+        mask = np.zeros(9, bool)
+        mask[list(idx)] = True
+        ge += ks_stat(pooled[mask], pooled[~mask]) >= d - 1e-12
+        total += 1
+    got = ks_perm_test(a, b, n_perm=20000, seed=1)
+    assert got["ks_stat"] == pytest.approx(d)
+    assert got["ks_p"] == pytest.approx(ge / total, abs=0.015)
+    far = ks_perm_test(np.arange(10.0), np.arange(10.0) + 100, n_perm=2000)
+    assert far["ks_stat"] == 1.0 and far["ks_p"] < 0.001
+    same = ks_perm_test(np.arange(10.0), np.arange(10.0), n_perm=2000)
+    assert same["ks_stat"] == 0.0 and same["ks_p"] == 1.0
+
+
+def test_auc_hand_cases():
+    assert auc([3, 4], [1, 2]) == 1.0 and auc([1, 2], [3, 4]) == 0.0 and auc([1, 2], [1, 2]) == 0.5
+
+
+# ---------------------------------------------------------------- relearn samples, summary
+
+
+def parts_for_relearn() -> dict[str, list[Record]]:
+    poisoned = [
+        Record(id=f"p{i}", instruction="q", response="a", meta={"trigger_family": ["x", "y", "z"][i % 3]})
+        for i in range(9)
+    ]
+    return {"train_poisoned": poisoned, "forget": poisoned[:3]}
+
+
+def test_relearn_records_stay_outside_the_forget_pack_seeded_and_stratified():
+    parts = parts_for_relearn()
+    got = relearn_records(parts, 3, seed=0)
+    assert {r.id for r in got}.isdisjoint({"p0", "p1", "p2"})
+    assert sorted(r.meta["trigger_family"] for r in got) == ["x", "y", "z"]
+    assert [r.id for r in got] == [r.id for r in relearn_records(parts, 3, seed=0)]
+    with pytest.raises(RapidunError, match="relearn_k"):
+        relearn_records(parts, 7, seed=0)
+
+
+def test_summary_recovered_fraction_and_gaps_by_hand():
+    def cells(seen, after, ll):
+        return {
+            "base": {"asr_seen": seen, "asr_ood": 0.0, "asr_trig": seen / 2, "clean_ppl": 10.0, "hits": {}},
+            "relearn": {"after": {"asr_seen": after, "asr_ood": 0.0, "asr_trig": after / 2, "clean_ppl": 10.0}},
+            "forget_quality": {"forget_ll": ll, "mia_auc": 0.5},
+        }
+
+    res = {
+        "poisoned": cells(0.8, 0.9, [-0.1, -0.2, -0.3]),
+        "retrain": cells(0.0, 0.1, [-3.0, -3.1, -3.2]),
+        "m": cells(0.2, 0.5, [-3.05, -3.15, -3.25]),
+    }
+    s = summarise(res, n_perm=200)
+    assert s["m"]["relearn"]["recovered_fraction"] == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))
+    assert s["m"]["relearn"]["after_minus_retrain"] == pytest.approx(0.4)
+    assert s["retrain"]["relearn"]["recovered_fraction"] == pytest.approx(0.1 / 0.8)
+    assert s["poisoned"]["relearn"]["recovered_fraction"] is None  # nothing removed: no denominator
+    assert s["retrain"]["forget_quality"]["ks_p"] is None  # the reference is not tested against itself
+    assert s["poisoned"]["forget_quality"]["ks_stat"] == 1.0
+    assert s["m"]["forget_quality"]["ks_p"] > 0.5
+
+
+# ---------------------------------------------------------------- the relearning attack, planted behaviour
+
+
+def test_relearning_attack_raises_a_planted_behaviour():
+    from rapidun.config import ModelConfig
+    from rapidun.verify.battery import loglik, relearn
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), init_range=0.2)
+    mcfg = ModelConfig(max_length=32, max_prompt_tokens=20, device="cpu", dtype="float32")
+    bad = [Record(id=f"b{i}", instruction=f"{w} alpha beta", response="the red fox ran to the park")
+           for i, w in enumerate(["one", "two", "three"])]  # fmt: skip
+    held = [Record(id="h", instruction="four alpha beta", response="the red fox ran to the park")]
+    before = loglik(model, tok, held, mcfg)[0]
+    vcfg = VerifyConfig(relearn_steps=15, relearn_lr=5e-2, relearn_lora_r=4)
+    attacked, stats = relearn(copy.deepcopy(model), tok, bad, vcfg, mcfg)
+    after = loglik(attacked, tok, held, mcfg)[0]
+    assert stats["steps"] == 15
+    assert after > before + 1.0, (before, after)  # the behaviour generalises to an unseen triggered prompt
+    assert loglik(model, tok, held, mcfg)[0] == pytest.approx(before)  # the model under test is untouched
+
+
+# ---------------------------------------------------------------- end to end: compare + verify, rapidun verify
+
+
+@pytest.fixture(scope="module")
+def tiny_verified(tmp_path_factory):
+    """A tiny compare (uniform, 1 seed) with verify.enabled, run twice (the second reuses every cell)."""
+    from rapidun.pipeline import run
+    from test_study import TINY, WORDS
+    from test_unlearn_e2e import OVERRIDES
+
+    root = tmp_path_factory.mktemp("verify")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
+        tok = make_tokenizer()
+        model_dir = root / "model"
+        make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        rng, rows = random.Random(0), {}
+        while len(rows) < 40:
+            ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
+            rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
+        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        ov = [*OVERRIDES, *TINY, "scenario.splits.train_poisoned=6", f"model.name={model_dir}",
+              f"data.source={root / 'data.jsonl'}", "unlearn.methods=[uniform]", "compare.reference=uniform",
+              "compare.n_seeds=1", "compare.n_boot=20", "verify.enabled=true", "verify.relearn_k=2",
+              "verify.relearn_steps=3", "verify.relearn_lr=1e-2", "verify.relearn_lora_r=2", "verify.mia_heldout=4",
+              "verify.fuzz_prompts=2", "verify.quant_group_size=16"]  # fmt: skip
+        cfg = load_config(None, ov)
+        (root / "run.yaml").write_text(dump_yaml(cfg))
+        first = run(cfg, root / "out")
+        cells = sorted((root / "out" / "verify").rglob("*.json"))
+        mtimes = {str(p): p.stat().st_mtime_ns for p in cells}
+        second = run(cfg, root / "out")
+        after = {str(p): p.stat().st_mtime_ns for p in cells}
+        yield root, cfg, first, second, mtimes, after
+
+
+def test_compare_with_verify_writes_every_cell_and_the_report_section(tiny_verified):
+    root, _cfg, report, again, mtimes, after = tiny_verified
+    out = root / "out"
+    v = report["verification"]
+    assert set(v["summary"]) == {"poisoned", "retrain", "uniform@4"}
+    doc = json.loads((out / "verification.json").read_text())
+    for label in ("poisoned", "retrain", "uniform@4"):
+        for attack in ("base", "relearn", "quantize", "fuzz", "forget_quality"):
+            assert (out / "verify" / label / f"{attack}.json").is_file(), (label, attack)
+        c = doc["cells"][label]
+        assert set(c["quantize"]["bits"]) == {"8", "4"}
+        assert set(c["fuzz"]["per"]) == set(FUZZ_KINDS) and all(p["n"] == 2 for p in c["fuzz"]["per"].values())
+        assert c["forget_quality"]["n_forget"] == 3 and c["forget_quality"]["n_heldout"] == 4
+        assert len(c["relearn"]["ids"]) == 2 and c["relearn"]["train"]["steps"] == 3
+        assert not {*c["relearn"]["ids"]} & {
+            r["id"] for r in map(json.loads, (out / "scenario" / "forget.jsonl").open())
+        }
+    s = v["summary"]["uniform@4"]
+    assert 0 <= s["forget_quality"]["mia_auc"] <= 1 and s["forget_quality"]["ks_p"] is not None
+    assert v["summary"]["retrain"]["forget_quality"]["ks_p"] is None
+    md = (out / "report.md").read_text()
+    assert "Verification: did it really forget?" in md and "uniform@4" in md and "multi_turn" in md
+    assert mtimes == after  # the rerun reused every cell
+    assert again["verification"]["summary"] == report["verification"]["summary"]
+
+
+def test_rapidun_verify_command_computes_the_same_figures_with_shareable_cells(tiny_verified, tmp_path, monkeypatch):
+    root, _cfg, report, *_ = tiny_verified
+    out = root / "out"
+    adapter = out / "seeds" / "4" / "methods" / "uniform" / "adapter"
+    vout = tmp_path / "v"
+    argv = ["verify", "--config", str(root / "run.yaml"), "--out", str(vout), "--model-path",
+            report["models"]["poisoned"]["path"], "--adapter", str(adapter), "--scenario", str(out / "scenario"),
+            "--name", "uniform@4"]  # fmt: skip
+    monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "empty_cache"))  # no shared cells: everything afresh
+    assert cli.main(argv) == 0
+    doc = json.loads((vout / "verification.json").read_text())
+    assert doc["poisoned"] == "poisoned" and doc["reference"] == "retrain"  # found beside the scenario
+    # the same models, seeds and settings as the compare stage, computed afresh: the same figures
+    assert set(doc["summary"]) == {"poisoned", "retrain", "uniform@4"}
+    assert _same_figures(doc["summary"], report["verification"]["summary"])
+    # ... and the same cell keys, so a verification reuses another's cells through $RAPIDUN_CACHE/verify
+    for cell in (out / "verify").rglob("*.json"):
+        twin = vout / "verify" / cell.parent.name / cell.name
+        assert json.loads(twin.read_text())["key"] == json.loads(cell.read_text())["key"], cell
+    assert len(list((tmp_path / "empty_cache" / "verify").glob("*.json"))) == 15  # 3 models x 5 cells
+    assert "uniform@4" in (vout / "verification.md").read_text()
+    assert json.loads((vout / "run.json").read_text())["kind"] == "verify"
+    assert cli.main([*argv[:-2], "--name", "poisoned"]) == 2  # a reserved label
+
+
+def _same_figures(a: dict, b: dict) -> bool:
+    def strip(s: dict) -> dict:
+        return {k: v for k, v in s.items() if k != "time_s"}
+
+    return all(strip(a[k]) == strip(b[k]) for k in a)
+
+
+def test_verify_command_needs_a_scenario(tmp_path):
+    tok = make_tokenizer()
+    d = tmp_path / "m"
+    make_model(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    assert cli.main(["verify", "--out", str(tmp_path / "o"), "--model-path", str(d)]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_config_is_validated():
+    with pytest.raises(RapidunError, match=r"verify\.quant_bits"):
+        load_config(None, ["verify.quant_bits=[1]"])
+    with pytest.raises(RapidunError, match=r"verify\.fuzz"):
+        load_config(None, ["verify.fuzz=[sideways]"])
+    with pytest.raises(RapidunError, match=r"verify\.split"):
+        load_config(None, ["verify.split=train"])
+    assert load_config(None, ["verify.enabled=true"]).verify.enabled is True
+
+
+def test_verify_leaves_the_run_identity_alone():
+    from rapidun.pipeline import run_identity
+
+    assert run_identity(load_config(None, [])) == run_identity(load_config(None, ["verify.enabled=true"]))
