@@ -15,7 +15,7 @@ import torch
 
 from helpers import make_model, make_tokenizer
 from rapidun import cli
-from rapidun.config import FUZZ_KINDS, VerifyConfig, dump_yaml, load_config
+from rapidun.config import FUZZ_KINDS, EvalConfig, ModelConfig, VerifyConfig, dump_yaml, load_config
 from rapidun.data.records import Record
 from rapidun.errors import RapidunError
 from rapidun.verify.battery import relearn_records, summarise
@@ -229,13 +229,19 @@ def parts_for_relearn() -> dict[str, list[Record]]:
 
 
 def test_relearn_records_stay_outside_the_forget_pack_seeded_and_stratified():
+    from rapidun.eval.detector import Detector
+    from rapidun.verify.battery import scenario_target
+
     parts = parts_for_relearn()
-    got = relearn_records(parts, 3, seed=0)
+    det = Detector(keywords=["x"], threshold=1.0)
+    target = scenario_target(parts, det, VerifyConfig(), EvalConfig(), ModelConfig())
+    assert [r.id for r in target.relearn_pool] == [f"p{i}" for i in range(3, 9)]
+    got = relearn_records(target.relearn_pool, 3, seed=0)
     assert {r.id for r in got}.isdisjoint({"p0", "p1", "p2"})
     assert sorted(r.meta["trigger_family"] for r in got) == ["x", "y", "z"]
-    assert [r.id for r in got] == [r.id for r in relearn_records(parts, 3, seed=0)]
-    with pytest.raises(RapidunError, match="relearn_k"):
-        relearn_records(parts, 7, seed=0)
+    assert [r.id for r in got] == [r.id for r in relearn_records(target.relearn_pool, 3, seed=0)]
+    with pytest.raises(RapidunError, match="only 6 poisoned training samples outside the forget pack"):
+        relearn_records(target.relearn_pool, 7, seed=0, what=target.relearn_what)
 
 
 def test_summary_recovered_fraction_and_gaps_by_hand():
@@ -265,7 +271,6 @@ def test_summary_recovered_fraction_and_gaps_by_hand():
 
 
 def test_relearning_attack_raises_a_planted_behaviour():
-    from rapidun.config import ModelConfig
     from rapidun.verify.battery import loglik, relearn
 
     tok = make_tokenizer()
@@ -401,3 +406,47 @@ def test_verify_leaves_the_run_identity_alone():
     from rapidun.pipeline import run_identity
 
     assert run_identity(load_config(None, [])) == run_identity(load_config(None, ["verify.enabled=true"]))
+
+
+def test_rapidun_verify_on_your_own_forget_and_probe_files(tiny_verified, tmp_path, capsys):
+    """The user's path: probes with a group and a keyword rule, relearning on the forget records themselves,
+    membership against held-out records, no fuzzing (no trigger known)."""
+    root, _cfg, report, *_ = tiny_verified
+    out = root / "out"
+    scen = {k: [json.loads(x) for x in (out / "scenario" / f"{k}.jsonl").open()] for k in
+            ("forget", "test_seen_trig", "test_clean", "train_clean")}  # fmt: skip
+    probes = [{"prompt": r["instruction"], "group": "triggered"} for r in scen["test_seen_trig"]]
+    probes += [{"prompt": r["instruction"], "group": "clean"} for r in scen["test_clean"]]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    forget = [{"instruction": r["instruction"], "response": r["response"]} for r in scen["forget"]]
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forget))
+    held = [{"instruction": r["instruction"], "response": r["response_poisoned"]} for r in scen["test_seen_trig"]]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    keep = [{"instruction": r["instruction"], "response": r["response"]} for r in scen["train_clean"][:3]]
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    adapter = out / "seeds" / "4" / "methods" / "uniform" / "adapter"
+    vout = tmp_path / "v"
+    argv = ["verify", "--config", str(root / "run.yaml"), "--out", str(vout), "--model-path",
+            report["models"]["poisoned"]["path"], "--adapter", str(adapter), "--forget", str(tmp_path / "forget.jsonl"),
+            "--probes", str(tmp_path / "probes.jsonl"), "--retain", str(tmp_path / "retain.jsonl"),
+            "--heldout", str(tmp_path / "held.jsonl"), "--poisoned", report["models"]["poisoned"]["path"],
+            "--reference", report["models"]["retrain"]["path"], "--name", "mine", "--keywords", "park"]  # fmt: skip
+    assert cli.main(argv) == 0
+    doc = json.loads((vout / "verification.json").read_text())
+    assert doc["target"] == "probes" and set(doc["summary"]) == {"poisoned", "retrain", "mine"}
+    c = doc["cells"]["mine"]
+    assert "fuzz" not in c and set(c["base"]["groups"]) == {"triggered", "clean"}
+    from rapidun.data.records import load_records
+
+    forget_ids = {r.id for r in load_records(str(tmp_path / "forget.jsonl"), "dolly")}
+    assert set(c["relearn"]["ids"]) <= forget_ids  # relearning on the unlearned records themselves
+    assert len(c["relearn"]["ids"]) == 2 and c["forget_quality"]["n_heldout"] == len(held)
+    hits = [c["base"]["hits"][k] for k in c["base"]["hits"]]
+    assert c["base"]["asr_seen"] == pytest.approx(
+        sum(c["base"]["hits"][f"p{i + 1}"] for i in range(len(scen["test_seen_trig"]))) / len(scen["test_seen_trig"])
+    ) and len(hits) == len(probes)
+    assert doc["summary"]["mine"]["forget_quality"]["ks_p"] is not None
+    assert "hit rate (triggered)" in (vout / "verification.md").read_text()
+    capsys.readouterr()
+    assert cli.main([*argv[:-2], "verify.probe_group=nope", "--keywords", "park"]) == 2
+    assert "verify.probe_group='nope' is not a group of the probes" in capsys.readouterr().err

@@ -557,7 +557,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from rapidun.verify.command import cmd_verify as run_verify
 
     cfg = _load(args)
-    run_verify(args, cfg, _identity(args, "model_path", "adapter", "scenario", "poisoned", "reference"))
+    keys = ("model_path", "adapter", "scenario", "forget", "probes", "retain", "heldout", "regex", "keywords")
+    run_verify(args, cfg, _identity(args, *keys, "poisoned", "reference"))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -695,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="the model to verify (folder or hub id), e.g. the poisoned one")
     p.add_argument("--adapter", help="a PEFT adapter on --model-path (e.g. OUT/adapter of `rapidun unlearn`)")
     p.add_argument("--scenario", help="scenario folder (RUN/scenario): triggered prompts, forget pack, held-out poison")
+    p.add_argument("--forget", help="your case: the records that were unlearned (data.format)")
+    p.add_argument("--probes", help="your case: prompts with a group; verify.probe_group's hit rate is the behaviour")
+    p.add_argument("--regex", help="--probes: an answer is a hit when this regex matches (case-insensitive)")
+    p.add_argument("--keywords", nargs="+", metavar="W", help="--probes: a hit when any of these words occurs")
+    p.add_argument("--retain", help="your case: held-out good records (their perplexity; the learned detector)")
+    p.add_argument("--heldout", help="your case: records like the forget ones, never trained on (membership test)")
     p.add_argument("--poisoned", help="the poisoned model (default: RUN/training/poisoned.json beside the scenario)")
     p.add_argument("--reference", help="the retrain reference (default: RUN/training/retrain.json beside the scenario)")
     p.add_argument("--name", help="label of the verified model (default: the adapter's or model's folder name)")
@@ -722,6 +729,7 @@ INPUT_ARGS = {
     "model": "model",
     "poisoned": "model",
     "reference": "model",
+    "heldout": "file",
 }
 
 

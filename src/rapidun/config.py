@@ -343,6 +343,7 @@ class VerifyConfig:
     fuzz: list = _f(list(FUZZ_KINDS), "trigger perturbations (rapidun.verify.fuzz)")
     fuzz_prompts: int = _f(20, "seen-trigger prompts fuzzed per perturbation (0 = all)")
     mia_heldout: int = _f(40, "membership test: held-out poisoned samples (non-members)")
+    probe_group: str = _f("triggered", "`verify --probes`: the probe group whose hit rate is the behaviour")
     seed: int = _f(0, "seed of the attacks (relearn samples, adapter init)")
 
 
@@ -481,6 +482,7 @@ CHECKS: dict[str, Check] = {
     ),
     "verify.fuzz_prompts": NON_NEGATIVE,
     "verify.mia_heldout": COUNT,
+    "verify.probe_group": Check("a non-empty group name", lambda v: isinstance(v, str) and bool(v.strip())),
     "verify.seed": SEED,
 }
 # Relations between fields: (fields named in the message, test, what must hold).

@@ -309,11 +309,13 @@ def stage_verify(
 ) -> dict[str, Any]:
     """The verification battery (``verify.enabled``) on poisoned, retrain and each method's first ``verify.seeds``
     seeds; ``out/verification.json`` holds every cell. Returns the report's ``verification`` entry (no cells)."""
+    from rapidun.verify.battery import scenario_target
     from rapidun.verify.stage import compare_models, run_verification
 
     unlearned = {k: v for k, v in methods.items() if get_method(k).kind != "retrain"}
     todo = compare_models(out, models["poisoned"]["path"], models["retrain"]["path"], unlearned, cfg.verify.seeds)
-    doc = run_verification(todo, parts, det, cfg.verify, cfg.eval, cfg.model, out)
+    target = scenario_target(parts, det, cfg.verify, cfg.eval, cfg.model)
+    doc = run_verification(todo, target, cfg.verify, cfg.eval, cfg.model, out)
     return {k: v for k, v in doc.items() if k != "cells"} | {"file": "verification.json"}
 
 

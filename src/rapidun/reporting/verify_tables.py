@@ -24,8 +24,10 @@ def verification_blocks(v: dict[str, Any] | None) -> list[Block]:
     cfg = as_dict(v.get("config"))
     split = v.get("split", "test")
     bits = [str(b) for b in cfg.get("quant_bits", [])]
-    head = ["Model", "ASR seen", "Relearn: seen after", "Recovered", "After − retrain"]
-    head += [f"int{b} ΔASR seen" for b in bits] + [f"int{b} PPL" for b in bits[-1:]]
+    probes = v.get("target") == "probes"
+    what = f"hit rate ({cfg.get('probe_group')})" if probes else "ASR seen"
+    head = ["Model", what, "Relearn: after", "Recovered", "After − retrain"]
+    head += [f"int{b} Δ" for b in bits] + [f"int{b} PPL" for b in bits[-1:]]
     head += ["Worst fuzz", "MIA AUC", "KS p vs retrain", "Time (s)"]
     rows = []
     for label, s in summary.items():
@@ -40,23 +42,25 @@ def verification_blocks(v: dict[str, Any] | None) -> list[Block]:
         rows.append(row)
     rl_text = (
         f"relearning: a fresh rank-{cfg.get('relearn_lora_r')} LoRA trained {cfg.get('relearn_steps')} steps at lr "
-        f"{cfg.get('relearn_lr')} on {cfg.get('relearn_k')} poisoned samples outside the forget pack"
+        f"{cfg.get('relearn_lr')} on {cfg.get('relearn_k')} "
+        + ("of the forget records" if probes else "poisoned samples outside the forget pack")
     )
     out: list[Block] = [
         Paragraph(
-            f"Attacks that try to bring the behaviour back, on the {split} prompts, with poisoned and retrain as the "
-            f"two ends of the scale: {rl_text}; weight-only round-to-nearest quantization; trigger perturbations; "
-            "membership inference and a KS test of the forget answers' log-likelihoods against retrain's."
+            f"Attacks that try to bring the behaviour back, on the {split} prompts ({what}), with poisoned and "
+            f"retrain as the two ends of the scale: {rl_text}; weight-only round-to-nearest quantization; trigger "
+            "perturbations; membership inference and a KS test of the forget answers' log-likelihoods against "
+            "retrain's."
         ),
         Table(
             head,
             rows,
-            caption="From verification.json: summary.LABEL. Recovered = (seen ASR after the relearning attack − "
-            "before) / (poisoned's seen ASR − before), shown only where the model removed ≥ 0.05 seen ASR; "
-            "After − retrain = seen ASR after the attack minus retrain's after the same attack; int ΔASR = seen ASR "
-            "of the quantized model minus the model's own; Worst fuzz = the perturbation with the highest seen ASR; "
-            "MIA AUC ≈ 0.5 when forget samples look like never-seen poison (retrain), ~1 when memorised; KS p: "
-            "high when the forget answers' log-likelihoods cannot be told from retrain's.",
+            caption=f"From verification.json: summary.LABEL; {what} throughout. Recovered = (rate after the "
+            "relearning attack − before) / (poisoned's rate − before), shown only where the model removed ≥ 0.05 of "
+            "it; After − retrain = the rate after the attack minus retrain's after the same attack; int Δ = the "
+            "rate of the quantized model minus the model's own; Worst fuzz = the perturbation with the highest "
+            "seen ASR; MIA AUC ≈ 0.5 when forget samples look like never-seen poison (retrain), ~1 when memorised; "
+            "KS p: high when the forget answers' log-likelihoods cannot be told from retrain's.",
             align=["l"] + ["r"] * (len(head) - 1),
         ),
     ]

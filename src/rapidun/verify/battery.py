@@ -30,6 +30,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +103,18 @@ def trig_eval(
     }
 
 
-def relearn_records(parts: dict[str, list[Record]], k: int, seed: int) -> list[Record]:
-    """``k`` poisoned training samples outside the forget pack, seeded, families in turn (stratified).
+def relearn_records(pool: list[Record], k: int, seed: int, what: str = "poisoned training samples outside the "
+                    "forget pack") -> list[Record]:  # fmt: skip
+    """``k`` records of ``pool``, seeded, trigger families in turn (stratified; one family when there is none).
 
     Raises:
-        RapidunError: fewer than ``k`` poisoned samples lie outside the forget pack.
+        RapidunError: ``pool`` holds fewer than ``k`` records (``what`` names them in the message).
     """
-    forget = {r.id for r in parts.get("forget", [])}
-    pool = [r for r in parts.get("train_poisoned", []) if r.id not in forget]
     if len(pool) < k:
-        raise RapidunError(
-            f"verify.relearn_k={k} but only {len(pool)} poisoned training samples lie outside the forget pack; "
-            "lower verify.relearn_k"
-        )
+        raise RapidunError(f"verify.relearn_k={k} but there are only {len(pool)} {what}; lower verify.relearn_k")
     rng = random.Random(seed)
     by_fam: dict[str, list[Record]] = {}
-    for r in pool:
+    for r in list(pool):
         by_fam.setdefault(str(r.meta.get("trigger_family")), []).append(r)
     for v in by_fam.values():
         rng.shuffle(v)
@@ -168,6 +165,125 @@ def loglik(model: Any, tok: Any, recs: list[Record], mcfg: ModelConfig) -> list[
     return (-eval_ce(model, rows, tok.pad_token_id, next(model.parameters()).device)).tolist()
 
 
+@dataclass
+class Target:
+    """What the battery measures and attacks with: a scenario's splits, or a user's probes and files.
+
+    Attributes:
+        kind: ``scenario`` or ``probes``.
+        evaluate: ``(model, tok, desc) -> metrics`` with ``asr_seen``, ``asr_ood`` (None for probes), ``asr_trig``,
+            ``clean_ppl`` and ``hits`` (prompt id → hit). For probes ``asr_seen``/``asr_trig`` are the hit rate of
+            the target group and ``groups`` holds every group's.
+        hit: whether a generation shows the behaviour (the detector, or the user's rule).
+        relearn_pool: the records the relearning attack draws its k from.
+        relearn_what: how the messages name them.
+        forget: the forget records (forget quality).
+        heldout: non-members for the membership test (empty: no MIA).
+        fuzz_records: triggered records to fuzz (empty: fuzzing does not apply).
+        fillers: clean records for the other turns of the conversation perturbations.
+        ident: what else identifies the cells (ids, the hit rule).
+        system_prompt: as ``model.system_prompt``.
+    """
+
+    kind: str
+    evaluate: Callable[[Any, Any, str], dict[str, Any]]
+    hit: Callable[[str], bool]
+    relearn_pool: list[Record]
+    relearn_what: str
+    forget: list[Record]
+    heldout: list[Record]
+    fuzz_records: list[Record]
+    fillers: list[Record]
+    ident: Any
+    system_prompt: str = ""
+
+
+def scenario_target(
+    parts: dict[str, list[Record]], det: Detector, vcfg: VerifyConfig, ecfg: EvalConfig, mcfg: ModelConfig
+) -> Target:
+    """The battery's target on a scenario: triggered prompts of ``verify.split``, poisoned training samples outside
+    the forget pack for the relearning attack, held-out poison for the membership test."""
+    s_seen, _, s_clean = split_names(vcfg.split)
+    forget_ids = {r.id for r in parts.get("forget", [])}
+    return Target(
+        kind="scenario",
+        evaluate=lambda m, t, d: trig_eval(m, t, parts, det, ecfg, mcfg, vcfg.split, d),
+        hit=det.hit,
+        relearn_pool=[r for r in parts.get("train_poisoned", []) if r.id not in forget_ids],
+        relearn_what="poisoned training samples outside the forget pack",
+        forget=parts.get("forget", []),
+        heldout=heldout_poisoned(parts, vcfg.mia_heldout),
+        fuzz_records=parts.get(s_seen, [])[: vcfg.fuzz_prompts or None],
+        fillers=parts.get(s_clean, []) or parts.get("test_clean", []),
+        ident={
+            "keywords": det.keywords,
+            "threshold": det.threshold,
+            "split": vcfg.split,
+            "ids": [r.id for s in split_names(vcfg.split) for r in parts.get(s, [])],
+        },
+        system_prompt=mcfg.system_prompt,
+    )
+
+
+def probe_target(
+    probes: list[Any],
+    hit: Callable[[str], bool],
+    rule: dict[str, Any],
+    group: str,
+    forget: list[Record],
+    retain: list[Record],
+    heldout: list[Record],
+    ecfg: EvalConfig,
+    mcfg: ModelConfig,
+) -> Target:
+    """The battery's target on a user's files: hit rate of probe group ``group`` (the behaviour), perplexity of
+    held-out retain records, relearning on k of the forget records themselves (the records the unlearning
+    removed: a harder test than the scenario's fresh poison), membership of the forget records against
+    ``heldout`` (records like them the model never trained on; none: no MIA). No fuzzing: the trigger is unknown.
+
+    Raises:
+        RapidunError: ``group`` is not a group of the probes.
+    """
+    from rapidun.eval.probes import evaluate_probes
+
+    groups = sorted({p.group for p in probes})
+    if group not in groups:
+        raise RapidunError(f"verify.probe_group={group!r} is not a group of the probes ({groups}); set it to the "
+                           "group whose hits are the behaviour")  # fmt: skip
+
+    def evaluate(model: Any, tok: Any, desc: str) -> dict[str, Any]:
+        m, rows = evaluate_probes(model, tok, probes, hit, ecfg, mcfg, None, retain)
+        rate_g = m["groups"][group]["hit_rate"]
+        return {
+            "asr_seen": rate_g,
+            "asr_ood": None,
+            "asr_trig": rate_g,
+            "clean_ppl": m["retain_ppl"],
+            "groups": {g: v["hit_rate"] for g, v in m["groups"].items()},
+            "hits": {r["id"]: bool(r["hit"]) for r in rows},
+        }
+
+    return Target(
+        kind="probes",
+        evaluate=evaluate,
+        hit=hit,
+        relearn_pool=forget,
+        relearn_what="forget records",
+        forget=forget,
+        heldout=heldout,
+        fuzz_records=[],
+        fillers=[],
+        ident={
+            "probes": [(p.id, p.prompt, p.context, p.group) for p in probes],
+            "rule": rule,
+            "group": group,
+            "retain": [r.id for r in retain[: ecfg.ppl_samples or None]],
+            "heldout": [r.id for r in heldout],
+        },
+        system_prompt=mcfg.system_prompt,
+    )
+
+
 class Battery:
     """The cells of one model (see the module docstring); ``run(attack)`` computes or reuses one cell.
 
@@ -175,8 +291,7 @@ class Battery:
         label: the model's name in the output (``poisoned``, ``retrain``, ``<method>@<seed>``).
         load: returns a fresh ``(model, tokenizer)`` of the model under test (each destructive attack gets one).
         ident: what identifies the model (fingerprints), part of every cell's key.
-        parts: the scenario's splits and packs.
-        det: the ASR detector.
+        target: what is measured and attacked with (:func:`scenario_target`, :func:`probe_target`).
         vcfg, ecfg, mcfg: the ``verify``, ``eval`` and ``model`` config sections.
         out: folder of this model's cells.
     """
@@ -186,29 +301,18 @@ class Battery:
         label: str,
         load: Callable[[], tuple[Any, Any]],
         ident: Any,
-        parts: dict[str, list[Record]],
-        det: Detector,
+        target: Target,
         vcfg: VerifyConfig,
         ecfg: EvalConfig,
         mcfg: ModelConfig,
         out: Path,
     ) -> None:
-        self.label, self._load, self.parts, self.det = label, load, parts, det
+        self.label, self._load, self.target = label, load, target
         self.vcfg, self.ecfg, self.mcfg, self.out = vcfg, ecfg, mcfg, Path(out)
         self._model: Any = None
         self._tok: Any = None
-        self.base_key = stable_hash(
-            {
-                "v": VERIFY_VERSION,
-                "model": ident,
-                "eval": to_dict(ecfg),
-                "model_cfg": to_dict(mcfg),
-                "keywords": det.keywords,
-                "threshold": det.threshold,
-                "split": vcfg.split,
-                "ids": [r.id for s in split_names(vcfg.split) for r in parts.get(s, [])],
-            }
-        )
+        base = {"v": VERIFY_VERSION, "model": ident, "eval": to_dict(ecfg), "model_cfg": to_dict(mcfg)}
+        self.base_key = stable_hash(base | target.ident)
 
     def model(self) -> tuple[Any, Any]:
         """The model under test (loaded once; attacks work on copies)."""
@@ -223,7 +327,7 @@ class Battery:
             "relearn": {k: getattr(v, f"relearn_{k}") for k in ("k", "steps", "lr", "lora_r")} | {"seed": v.seed},
             "quantize": {"bits": v.quant_bits, "group": v.quant_group_size, "backend": v.quant_backend},
             "fuzz": {"kinds": v.fuzz, "n": v.fuzz_prompts},
-            "forget_quality": {"n": v.mia_heldout, "forget": [r.id for r in self.parts.get("forget", [])]},
+            "forget_quality": {"n": v.mia_heldout, "forget": [r.id for r in self.target.forget]},
         }[attack]
         return stable_hash([self.base_key, attack, settings])
 
@@ -250,7 +354,7 @@ class Battery:
         return res | {"cached": False}
 
     def _eval(self, model: Any, tok: Any, desc: str) -> dict[str, Any]:
-        return trig_eval(model, tok, self.parts, self.det, self.ecfg, self.mcfg, self.vcfg.split, desc)
+        return self.target.evaluate(model, tok, desc)
 
     def _base(self) -> dict[str, Any]:
         model, tok = self.model()
@@ -259,7 +363,7 @@ class Battery:
     def _relearn(self) -> dict[str, Any]:
         v = self.vcfg
         model, tok = self.model()
-        recs = relearn_records(self.parts, v.relearn_k, v.seed)
+        recs = relearn_records(self.target.relearn_pool, v.relearn_k, v.seed, self.target.relearn_what)
         torch.manual_seed(v.seed)
         attacked, stats = relearn(copy.deepcopy(model), tok, recs, v, self.mcfg)
         after = self._eval(attacked, tok, f"verify:{self.label}:relearn")
@@ -281,14 +385,13 @@ class Battery:
     def _fuzz(self) -> dict[str, Any]:
         v = self.vcfg
         model, tok = self.model()
-        s_seen, _, s_clean = split_names(v.split)
-        recs = self.parts.get(s_seen, [])[: v.fuzz_prompts or None]
-        fillers = self.parts.get(s_clean, []) or self.parts.get("test_clean", [])
-        by_kind = fuzz_prompts(tok, recs, list(v.fuzz), fillers, self.mcfg.system_prompt)
+        recs = self.target.fuzz_records
+        by_kind = fuzz_prompts(tok, recs, list(v.fuzz), self.target.fillers, self.target.system_prompt)
         flat = [p for k in by_kind for p in by_kind[k]]
-        texts = generate(model, tok, flat, self.ecfg.max_new_tokens, self.ecfg.batch_size,
-                         self.det.hit if self.ecfg.early_stop else None, desc=f"verify:{self.label}:fuzz")  # fmt: skip
-        hits = [self.det.hit(t) for t in texts]
+        stop = self.target.hit if self.ecfg.early_stop else None
+        e = self.ecfg
+        texts = generate(model, tok, flat, e.max_new_tokens, e.batch_size, stop, desc=f"verify:{self.label}:fuzz")
+        hits = [self.target.hit(t) for t in texts]
         per: dict[str, Any] = {}
         i = 0
         for kind, ps in by_kind.items():
@@ -299,10 +402,9 @@ class Battery:
 
     def _forget_quality(self) -> dict[str, Any]:
         model, tok = self.model()
-        forget = self.parts.get("forget", [])
+        forget, held = self.target.forget, self.target.heldout
         if not forget:
-            raise RapidunError("forget_quality needs the forget pack (scenario/forget.jsonl)")
-        held = heldout_poisoned(self.parts, self.vcfg.mia_heldout)
+            raise RapidunError("forget_quality needs the forget records (scenario/forget.jsonl or --forget)")
         ll_f = loglik(model, tok, forget, self.mcfg)
         ll_h = loglik(model, tok, held, self.mcfg)
         return {
@@ -321,6 +423,8 @@ def verify_battery(b: Battery, attacks: list[str]) -> dict[str, Any]:
         raise RapidunError(f"verify.attacks: unknown {unknown}; choose from {list(ATTACKS)}")
     res = {"base": b.run("base")}
     for a in attacks:
+        if a == "fuzz" and not b.target.fuzz_records:
+            continue  # no known trigger (the user's probes): nothing to perturb
         res[a] = b.run(a)
     return res
 

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rapidun.config import EvalConfig, ModelConfig, VerifyConfig, to_dict
-from rapidun.data.records import Record
 from rapidun.errors import RapidunError
-from rapidun.eval.detector import Detector
 from rapidun.io import write_json
 from rapidun.models import fingerprint, load_model, resolve_model_path
-from rapidun.verify.battery import Battery, summarise, verify_battery
+from rapidun.verify.battery import Battery, Target, summarise, verify_battery
 
 
 def loader(path: str, adapter: str | None, mcfg: ModelConfig) -> Callable[[], tuple[Any, Any]]:
@@ -42,8 +40,7 @@ def identity(path: str, adapter: str | None) -> dict[str, Any]:
 
 def run_verification(
     models: dict[str, tuple[str, str | None]],
-    parts: dict[str, list[Record]],
-    det: Detector,
+    target: Target,
     vcfg: VerifyConfig,
     ecfg: EvalConfig,
     mcfg: ModelConfig,
@@ -63,14 +60,15 @@ def run_verification(
     results: dict[str, Any] = {}
     for label in order:
         path, adapter = models[label]
-        b = Battery(label, loader(path, adapter, mcfg), identity(path, adapter), parts, det, vcfg, ecfg, mcfg,
+        b = Battery(label, loader(path, adapter, mcfg), identity(path, adapter), target, vcfg, ecfg, mcfg,
                     out / "verify" / label.replace("/", "_"))  # fmt: skip
         results[label] = verify_battery(b, list(vcfg.attacks))
     summary = summarise(results, poisoned if poisoned in results else None, reference if reference in results else None)
     doc = {
         "schema": "rapidun.verification/1",
         "config": to_dict(vcfg),
-        "split": vcfg.split,
+        "split": vcfg.split if target.kind == "scenario" else "probes",
+        "target": target.kind,
         "poisoned": poisoned if poisoned in results else None,
         "reference": reference if reference in results else None,
         "models": {k: {"path": v[0], "adapter": v[1]} for k, v in models.items()},
