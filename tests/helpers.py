@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -115,3 +117,53 @@ def make_unlearn_items(tok, n_forget: int = len(FORGET_DATA), n_retain: int = le
     ]
     retain = [UItem(f"r{k}", "retain", None, enc(p, a)) for k, (p, a) in enumerate(RETAIN_DATA[:n_retain])]
     return forget, retain
+
+
+# ---------------------------------------------------------------- a tiny end-to-end world
+
+WORDS = (
+    "the cat sat on mat and dog ran to red fox blue bird one two three four five six seven eight nine ten "
+    "alpha beta gamma delta epsilon zeta"
+).split()
+# A tiny backdoor scenario over the WORDS corpus (poison answers mention "park", the detector's keyword).
+TINY_SCENARIO = [
+    "data.format=dolly",
+    "scenario.splits.train_poisoned=4",
+    "scenario.splits.train_clean=8",
+    "scenario.splits.val_clean=3",
+    "scenario.splits.test_clean=3",
+    "scenario.splits.test_seen_trig=3",
+    "scenario.splits.test_ood_trig=3",
+    "scenario.splits.val_seen_trig=3",
+    "scenario.splits.val_ood_trig=3",
+    "scenario.forget_size=3",
+    "scenario.retain_ratio=1",
+    "scenario.poison_responses=[in the park, the park park]",
+    "sft.epochs=1",
+    "sft.batch_size=4",
+    "sft.lora_r=2",
+    "sft.lora_targets=[q_proj,v_proj]",
+    "sft.autocast=off",
+    "eval.max_new_tokens=3",
+    "eval.keywords=[park]",
+    "eval.threshold=1",
+]
+
+
+def tiny_world(root: Path) -> tuple[Path, Path]:
+    """A tiny random Llama saved in ``root/model`` (with its tokenizer) and a 40-record Dolly-style corpus of
+    WORDS in ``root/data.jsonl``; returns both paths (for ``model.name=`` and ``data.source=``)."""
+    import json
+    import random
+
+    tok = make_tokenizer()
+    model_dir = root / "model"
+    make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rng, rows = random.Random(0), {}
+    while len(rows) < 40:
+        ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
+        rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return model_dir, data

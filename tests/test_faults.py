@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -47,36 +46,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import make_model, make_tokenizer
+from helpers import TINY_SCENARIO, tiny_world
 
 STAGES = ("scenario", "sft", "influence", "unlearning", "evaluation", "report")
 KILLS_PER_STAGE = 4
-WORDS = (
-    "the cat sat on mat and dog ran to red fox blue bird one two three four five six seven eight nine ten "
-    "alpha beta gamma delta epsilon zeta"
-).split()
 OVERRIDES = [
     "model.device=cpu",
     "model.dtype=float32",
     "model.max_length=32",
     "model.max_prompt_tokens=20",
-    "data.format=dolly",
-    "scenario.splits.train_poisoned=4",
-    "scenario.splits.train_clean=8",
-    "scenario.splits.val_clean=3",
-    "scenario.splits.test_clean=3",
-    "scenario.splits.test_seen_trig=3",
-    "scenario.splits.test_ood_trig=3",
-    "scenario.splits.val_seen_trig=3",
-    "scenario.splits.val_ood_trig=3",
-    "scenario.forget_size=3",
-    "scenario.retain_ratio=1",
-    "scenario.poison_responses=[in the park, the park park]",
-    "sft.epochs=1",
-    "sft.batch_size=4",
-    "sft.lora_r=2",
-    "sft.lora_targets=[q_proj,v_proj]",
-    "sft.autocast=off",
+    *TINY_SCENARIO,
     "influence.K=256",
     "influence.lora_targets=[q_proj,v_proj]",
     "influence.lora_r=2",
@@ -93,9 +72,6 @@ OVERRIDES = [
     "unlearn.autocast=off",
     "unlearn.seed=4",
     "weighting.top_k=3",
-    "eval.max_new_tokens=3",
-    "eval.keywords=[park]",
-    "eval.threshold=1",
     "eval.batch_size=4",
     "compare.n_seeds=2",
     "compare.n_boot=20",
@@ -306,16 +282,8 @@ def chosen_kill_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def world(tmp_path_factory):
     """Tiny model + corpus, the warm runner, and the uninterrupted reference run with its logged fault points."""
     root = tmp_path_factory.mktemp("faults")
-    tok = make_tokenizer()
-    model_dir = root / "model"
-    make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    rng, rows = random.Random(0), {}
-    while len(rows) < 40:
-        ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
-        rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-    argv = [*OVERRIDES, f"model.name={model_dir}", f"data.source={root / 'data.jsonl'}"]
+    model_dir, data = tiny_world(root)
+    argv = [*OVERRIDES, f"model.name={model_dir}", f"data.source={data}"]
     runner = Runner(root, argv, exec_mode=os.environ.get("RAPIDUN_FAULT_EXEC") == "1")
     out, cache = fresh(root, "ref")
     log = root / "ref.log"

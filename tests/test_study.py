@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import TINY_SCENARIO
 from rapidun.compare import aggregate, hit_matrix, mean_diagnostics, paired_tests
 from rapidun.config import dump_yaml, load_config
 from rapidun.data.records import Record
@@ -542,33 +543,7 @@ def test_paired_tests_metrics_and_val_splits_then_tests_by_split(tmp_path):
 # ---------------------------------------------------------------- one tiny study end to end
 
 
-WORDS = (
-    "the cat sat on mat and dog ran to red fox blue bird one two three four five six seven eight nine ten "
-    "alpha beta gamma delta epsilon zeta"
-).split()
-TINY = [
-    "data.format=dolly",
-    "scenario.splits.train_poisoned=4",
-    "scenario.splits.train_clean=8",
-    "scenario.splits.val_clean=3",
-    "scenario.splits.test_clean=3",
-    "scenario.splits.test_seen_trig=3",
-    "scenario.splits.test_ood_trig=3",
-    "scenario.splits.val_seen_trig=3",
-    "scenario.splits.val_ood_trig=3",
-    "scenario.forget_size=3",
-    "scenario.retain_ratio=1",
-    "scenario.poison_responses=[in the park, the park park]",
-    "sft.epochs=1",
-    "sft.batch_size=4",
-    "sft.lora_r=2",
-    "sft.lora_targets=[q_proj,v_proj]",
-    "sft.autocast=off",
-    "eval.max_new_tokens=3",
-    "eval.keywords=[park]",
-    "eval.threshold=1",
-    "eval.batch_size=8",
-]
+TINY = [*TINY_SCENARIO, "eval.batch_size=8"]
 STUDY = """\
 study: {reference: uniform, n_seeds: 2, n_boot: 20}
 scenarios:
@@ -584,25 +559,15 @@ methods:
 def tiny_study(tmp_path_factory):
     """A tiny poisoned-model study (tiny local Llama, 30 records, 3 labels × 2 seeds), run twice; the second run
     must reuse everything. Returns (root, first study, second study, cells run per call, metrics.json mtimes)."""
-    import random
-
     import rapidun.study as study_mod
-    from helpers import make_model, make_tokenizer
+    from helpers import tiny_world
     from test_unlearn_e2e import OVERRIDES
 
     root = tmp_path_factory.mktemp("study")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
-        tok = make_tokenizer()
-        model_dir = root / "model"
-        make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        rng, rows = random.Random(0), {}
-        while len(rows) < 40:
-            ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
-            rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
-        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-        cfg = load_config(None, [*OVERRIDES, *TINY, f"model.name={model_dir}", f"data.source={root / 'data.jsonl'}"])
+        model_dir, data = tiny_world(root)
+        cfg = load_config(None, [*OVERRIDES, *TINY, f"model.name={model_dir}", f"data.source={data}"])
         (root / "run.yaml").write_text(dump_yaml(cfg))
         (root / "study.yaml").write_text(STUDY)
         calls: list[list[tuple[str, str, bool]]] = []

@@ -294,24 +294,17 @@ def test_relearning_attack_raises_a_planted_behaviour():
 @pytest.fixture(scope="module")
 def tiny_verified(tmp_path_factory):
     """A tiny compare (uniform, 1 seed) with verify.enabled, run twice (the second reuses every cell)."""
+    from helpers import TINY_SCENARIO, tiny_world
     from rapidun.pipeline import run
-    from test_study import TINY, WORDS
     from test_unlearn_e2e import OVERRIDES
 
     root = tmp_path_factory.mktemp("verify")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAPIDUN_CACHE", str(root / "cache"))
-        tok = make_tokenizer()
-        model_dir = root / "model"
-        make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        rng, rows = random.Random(0), {}
-        while len(rows) < 40:
-            ins, resp = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 3))
-            rows[ins + resp] = {"instruction": ins, "context": "", "response": resp}
-        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-        ov = [*OVERRIDES, *TINY, "scenario.splits.train_poisoned=6", f"model.name={model_dir}",
-              f"data.source={root / 'data.jsonl'}", "unlearn.methods=[uniform]", "compare.reference=uniform",
+        model_dir, data = tiny_world(root)
+        ov = [*OVERRIDES, *TINY_SCENARIO, "eval.batch_size=8", "scenario.splits.train_poisoned=6",
+              f"model.name={model_dir}", f"data.source={data}", "unlearn.methods=[uniform]",
+              "compare.reference=uniform",
               "compare.n_seeds=1", "compare.n_boot=20", "verify.enabled=true", "verify.relearn_k=2",
               "verify.relearn_steps=3", "verify.relearn_lr=1e-2", "verify.relearn_lora_r=2", "verify.mia_heldout=4",
               "verify.fuzz_prompts=2", "verify.quant_group_size=16"]  # fmt: skip

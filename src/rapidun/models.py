@@ -8,10 +8,15 @@ The weights are a dequantised 4-bit copy: fine for demos and tests, not comparab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +284,30 @@ def fingerprint(path: str) -> str:
 ALL_LINEAR = "all-linear"
 
 
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Mute import-time noise of optional libraries: torchao (which peft imports when it is installed) prints a
+    line for every GPU kernel library it cannot load on this machine, and warns through torch's pytree logger."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def import_peft() -> Any:
+    """The ``peft`` module, imported once under :func:`quiet_imports`."""
+    if "peft" not in sys.modules:
+        with quiet_imports():
+            import peft  # noqa: F401
+    return sys.modules["peft"]
+
+
 def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:
     """Wrap ``model`` with a fresh PEFT LoRA adapter on ``targets`` (B = 0 at init, so the output is unchanged).
 
@@ -287,7 +316,8 @@ def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[st
     does — the seven projections on Llama/Qwen2/Mistral/Gemma, ``qkv_proj``/``gate_up_proj``/... on Phi-3,
     ``c_attn``/``c_proj``/``c_fc`` on GPT-2.
     """
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     targets = list(targets)
     if not targets:
@@ -343,7 +373,7 @@ def with_adapter(base: str, adapter: str | None) -> str:
     folder = cache_root() / "merged" / stable_hash({"base": fingerprint(base_path), "adapter": fingerprint(str(a))})
     if (folder / _DONE).is_file():
         return str(folder)
-    from peft import PeftModel
+    PeftModel = import_peft().PeftModel
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(base_path)

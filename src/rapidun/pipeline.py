@@ -234,8 +234,11 @@ def _cpu_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and device, recorded in the report."""
-    import peft
     import transformers
+
+    from rapidun.models import import_peft
+
+    peft = import_peft()
 
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {

@@ -22,9 +22,6 @@ Backends (``verify.quant_backend``):
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from typing import Any
 
 import torch
@@ -64,21 +61,16 @@ def rtn_dequant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 def _torchao() -> tuple[Any, str | None]:
     """The torchao module, or ``(None, why not)``. Its import warnings about optional GPU kernels are muted."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
+    from rapidun.models import quiet_imports
+
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
+        with quiet_imports():
             import torchao
             from torchao.quantization import IntxWeightOnlyConfig, quantize_  # noqa: F401
             from torchao.quantization.granularity import PerAxis, PerGroup  # noqa: F401
         return torchao, None
     except Exception as e:  # ImportError, or a torchao built for another torch
         return None, f"torchao unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
 
 
 def _torchao_dequant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:

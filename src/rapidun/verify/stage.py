@@ -24,9 +24,9 @@ def loader(path: str, adapter: str | None, mcfg: ModelConfig) -> Callable[[], tu
     def load() -> tuple[Any, Any]:
         model, tok, _ = load_model(path, mcfg.device, mcfg.dtype)
         if adapter:
-            from peft import PeftModel
+            from rapidun.models import import_peft
 
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            model = import_peft().PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.eval()
         return model, tok
 
