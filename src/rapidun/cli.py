@@ -12,7 +12,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rapidun.cli_inputs import INPUT_ARGS, check_inputs, identity
+from rapidun.cli_table import demo_note, print_table
 from rapidun.errors import RapidunError
+
+__all__ = ["INPUT_ARGS", "build_parser", "check_inputs", "demo_note", "identity", "main", "print_table"]
 
 
 def _demo_config() -> Path:
@@ -34,136 +38,6 @@ def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
     if getattr(args, "model", None):
         ov.append(f"model.name={args.model}")
     return load_config(args.config or default_path, ov)
-
-
-def _ppl(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"  # a collapsed model's perplexity stays readable
-
-
-def _pm(mean: float | None, std: float | None, fmt: Any) -> str:
-    """``mean ± std`` (just the mean for one seed)."""
-    if mean is None:
-        return "-"
-    return fmt(mean) if std is None else f"{fmt(mean)}±{fmt(std)}"
-
-
-def _r3(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def _metric_cells(m: dict[str, Any]) -> tuple[str, ...]:
-    """ASR seen, ASR OOD, false-trigger rate, clean perplexity, ROUGE-L of a model entry, formatted."""
-    return (
-        f"{m['asr_seen']:.3f}",
-        f"{m['asr_ood']:.3f}",
-        f"{m['false_trigger']:.3f}",
-        _ppl(m["clean_ppl"]),
-        f"{m['rouge_l']:.3f}",
-    )
-
-
-def _print_rows(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def print_table(report: dict[str, Any]) -> None:
-    """The poisoned-vs-retrain table, the methods table (mean±std over seeds) and the paired tests."""
-    rows = [("model", "ASR seen", "ASR OOD", "false trig", "clean PPL", "ROUGE-L", "train s")]
-    rows += [(name, *_metric_cells(m), f"{m['train_time_s']:.0f}") for name, m in report["models"].items()]
-    _print_rows(rows)
-    methods = report.get("methods") or {}
-    if methods:
-        print()
-        rows = [
-            (
-                "method",
-                "seeds",
-                "ASR seen",
-                "ASR OOD",
-                "false trig",
-                "clean PPL",
-                "ROUGE-L",
-                "forget PPL p/c",
-                "time s",
-                "vs retrain",
-                "Dolly-scale*",
-            )
-        ]
-        for name, e in methods.items():
-            mu, sd = e["mean"], e["std"]
-            dolly = e["speedup_vs_retrain_at_scale"].get("dolly")
-            rows.append(
-                (
-                    name,
-                    str(e["n_seeds"]),
-                    *(_pm(mu[k], sd[k], _r3) for k in ("asr_seen", "asr_ood", "false_trigger")),
-                    _pm(mu["clean_ppl"], sd["clean_ppl"], _ppl),
-                    _pm(mu["rouge_l"], sd["rouge_l"], _r3),
-                    f"{_ppl(mu['forget_ppl_poisoned'])}/{_ppl(mu['forget_ppl_clean'])}",
-                    f"{mu['time_s']:.0f}",
-                    f"{mu['speedup_vs_retrain']:.1f}x" if mu["speedup_vs_retrain"] else "-",
-                    f"{dolly:.1f}x" if dolly is not None else "-",
-                )
-            )
-        _print_rows(rows)
-        proj = (report.get("influence") or {}).get("retrain_projection", {})
-        if proj:
-            print(
-                f"time s = influence + weights + training, measured (mean over seeds). * projected: retraining on "
-                f"Dolly's {proj['corpus_samples']['dolly']:,} clean samples ({proj['retrain_s']['dolly']:.0f} s from "
-                f"the measured {proj['retrain_tokens_per_s']:.0f} tokens/s) / time s"
-            )
-        tested = {n: e["tests"] for n, e in methods.items() if e.get("tests")}
-        if tested:
-            ref = next(iter(tested.values()))["vs"]
-            print()
-            rows = [("paired vs " + ref, "ASR seen diff [95% CI]", "McNemar p", "ASR OOD diff [95% CI]", "McNemar p")]
-            for n, t in tested.items():
-                cells: list[str] = []
-                for k in ("asr_seen", "asr_ood"):
-                    if k in t:
-                        bs, mc = t[k]["bootstrap"], t[k]["mcnemar"]
-                        cells += [f"{bs['diff']:+.3f} [{bs['ci_low']:+.3f}, {bs['ci_high']:+.3f}]", f"{mc['p']:.3g}"]
-                    else:
-                        cells += ["-", "-"]
-                rows.append((n, *cells))
-            _print_rows(rows)
-            t0 = next((t[k] for t in tested.values() for k in ("asr_seen", "asr_ood", "false_trigger") if k in t), None)
-            if t0 is not None:
-                print(
-                    f"diff = method − {ref}; {t0['bootstrap']['test']}; {t0['mcnemar']['test']}, pairs pooled over "
-                    "seeds"
-                )
-    fam = report["models"]["poisoned"]["asr_seen_by_family"]
-    print("poisoned ASR by family (seen):", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
-    fam = report["models"]["poisoned"]["asr_ood_by_family"]
-    print("poisoned ASR by family (OOD): ", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
-    d = report["detector"]
-    print(f"detector: {d['n_keywords']} keywords, precision {d['precision']:.3f}, recall {d['recall']:.3f}")
-    print("timings (s):", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
-    if report.get("demo_note"):
-        print(report["demo_note"])
-
-
-def demo_note(cfg: Any) -> str:
-    """What the demo trims relative to ``rapidun compare``'s defaults (printed and kept in the report)."""
-    from rapidun.config import CompareConfig, ScenarioConfig
-
-    sizes = cfg.scenario.splits
-    default = ScenarioConfig().splits
-    return (
-        f"demo: {cfg.compare.n_seeds} seed(s) (compare's default {CompareConfig().n_seeds}), "
-        f"{sizes.test_seen_trig}/{sizes.test_ood_trig}/{sizes.test_clean} seen/OOD/clean prompts "
-        f"(default {default.test_seen_trig}/{default.test_ood_trig}/{default.test_clean}), "
-        f"{cfg.eval.max_new_tokens} new tokens, methods {', '.join(cfg.unlearn.methods)} "
-        "(the rest of SPEC §3 by config: unlearn.methods)"
-    )
 
 
 def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bool = False) -> None:
@@ -203,9 +77,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
     model_path, start, _ = _start_model(args)
-    inputs = _identity(
-        args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "regex", "keywords"
-    )
+    inputs = identity(args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "regex", "keywords")
     out = prepare_out(args.out, cfg, args.overwrite, "compare-user", inputs)
     write_json(out / "packs.json", packs)
     compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, args.retrain_model)
@@ -255,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     parts, _ = load_scenario(args.scenario)
     det, info = make_detector(cfg, parts)
-    out = prepare_out(args.out, cfg, args.overwrite, "eval", _identity(args, "scenario"))
+    out = prepare_out(args.out, cfg, args.overwrite, "eval", identity(args, "scenario"))
     name = args.name or Path(args.adapter or args.model_path).name
     m = stage_eval(cfg, out, name, with_adapter(args.model_path, args.adapter), parts, det)
     write_json(out / "detector.json", info)
@@ -278,7 +150,7 @@ def _eval_probes(args: argparse.Namespace, cfg: Any) -> None:
     retain = load_records(args.retain, fmt, fields) if args.retain else []
     hit, rule = hit_rule(args.regex, args.keywords, forget, retain, cfg.eval)
     path = with_adapter(args.model_path, args.adapter)
-    out = prepare_out(args.out, cfg, args.overwrite, "eval", _identity(args, "probes"))
+    out = prepare_out(args.out, cfg, args.overwrite, "eval", identity(args, "probes"))
     model, tok, info = load_model(path, cfg.model.device, cfg.model.dtype)
     metrics, rows = evaluate_probes(model, tok, probes, hit, cfg.eval, cfg.model, forget, retain)
     name = args.name or Path(args.adapter or args.model_path).name
@@ -330,7 +202,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
     init_from_env()  # several ranks under torchrun / accelerate launch; results are the same
     cfg = _load(args)
     train, test = _records_arg(args.train, cfg), _records_arg(args.test, cfg)
-    inputs = _identity(args, "model_path", "train", "test")
+    inputs = identity(args, "model_path", "train", "test")
     out = prepare_out(args.out, cfg, args.overwrite, "influence", inputs) if is_main() else Path(args.out)
     barrier()
     res = influence(args.model_path or cfg.model.name, train, test, cfg.model, cfg.influence)
@@ -362,7 +234,7 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
     extra = {
         k: getattr(args, k) for k in ("n", "K", "topk", "loo_train", "loo_test", "loo_removed", "loo_steps", "loo_lr")
     }
-    inputs = _identity(args, "model_path", "scenario") | extra
+    inputs = identity(args, "model_path", "scenario") | extra
     out = prepare_out(args.out, cfg, args.overwrite, "influence-check", inputs)
     parts = load_scenario(args.scenario)[0] if args.scenario else stage_scenario(cfg, out)[0]
     recs = (parts["forget"] + parts["retain"])[: args.n]
@@ -415,25 +287,6 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
             f"Spearman exact {loo['spearman_exact']:.3f} / sketched {loo['spearman_sketch']:.3f}"
         )
     print(f"written: {out / 'influence_check.json'}")
-
-
-def _identity(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
-    """What identifies an output besides the config: the given arguments, each input path with a fingerprint of
-    its content (files: SHA-256; model and scenario folders: :func:`rapidun.models.fingerprint`)."""
-    from rapidun.io import file_hash
-    from rapidun.models import fingerprint
-
-    ident: dict[str, Any] = {}
-    for k in keys:
-        v = getattr(args, k, None)
-        if v is None or v is False:
-            continue
-        p = Path(v).expanduser() if isinstance(v, str) and INPUT_ARGS.get(k) else None
-        if p is not None and p.exists():
-            ident[k] = {"path": str(p.resolve()), "content": file_hash(p) if p.is_file() else fingerprint(str(p))}
-        else:
-            ident[k] = v
-    return ident
 
 
 def _start_model(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
@@ -493,7 +346,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
             "buffer (the records not drawn serve as validation), or use --scenario"
         )
     model_path, start, previous = _start_model(args)
-    inputs = _identity(args, "method", "model_path", "adapter", "scenario", "forget", "retain", "merge")
+    inputs = identity(args, "method", "model_path", "adapter", "scenario", "forget", "retain", "merge")
     out = prepare_out(args.out, cfg, args.overwrite, "unlearn", inputs) if is_main() else Path(args.out)
     barrier()
     if packs is not None and is_main():
@@ -558,7 +411,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     keys = ("model_path", "adapter", "scenario", "forget", "probes", "retain", "heldout", "regex", "keywords")
-    run_verify(args, cfg, _identity(args, *keys, "poisoned", "reference"))
+    run_verify(args, cfg, identity(args, *keys, "poisoned", "reference"))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -711,89 +564,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")
     p.set_defaults(fn=cmd_config)
     return ap
-
-
-# Path arguments checked when a command starts (before a config is used, a model loads or --out is claimed).
-INPUT_ARGS = {
-    "config": "file",
-    "study": "file",
-    "scenario": "scenario",
-    "forget": "file",
-    "retain": "file",
-    "probes": "file",
-    "train": "file",
-    "test": "file",
-    "adapter": "adapter",
-    "model_path": "model",
-    "retrain_model": "model",
-    "model": "model",
-    "poisoned": "model",
-    "reference": "model",
-    "heldout": "file",
-}
-
-
-def check_inputs(args: argparse.Namespace) -> None:
-    """Every input path exists, is of the right kind and readable; ``--out`` is none of them and inside none.
-
-    Raises:
-        RapidunError: naming the flag, the path and what to do.
-    """
-    import re
-
-    from rapidun.models import DEFAULT_MODEL, GEMMA_MODEL, resolve_model_path
-
-    swallowed = [w for w in getattr(args, "keywords", None) or [] if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", w)]
-    if swallowed:
-        raise RapidunError(
-            f"--keywords took {swallowed}, which look like config overrides; put the overrides before --keywords "
-            "(or end the keyword list with --)"
-        )
-    paths: list[tuple[str, Path]] = []
-    for k, kind in INPUT_ARGS.items():
-        v = getattr(args, k, None)
-        if not v:
-            continue
-        flag = k if k == "study" else "--" + k.replace("_", "-")
-        p = Path(v).expanduser()
-        if kind == "model":
-            if v not in (DEFAULT_MODEL, GEMMA_MODEL):
-                resolve_model_path(v)
-                if p.exists():
-                    paths.append((flag, p))
-            continue
-        if not p.exists():
-            raise RapidunError(f"{flag} {v} does not exist; check the path")
-        if kind == "file":
-            if not p.is_file():
-                raise RapidunError(f"{flag} {v} is a folder; give a file")
-            if not os.access(p, os.R_OK):
-                raise RapidunError(f"{flag} {v}: not readable (permissions); fix them or copy the file")
-        elif kind == "scenario" and not (p / "manifest.json").is_file():
-            raise RapidunError(
-                f"{flag} {v} is not a scenario folder (no manifest.json); give OUT/scenario of `rapidun scenario`"
-            )
-        elif kind == "adapter" and not (p / "adapter_config.json").is_file():
-            raise RapidunError(
-                f"{flag} {v}: no adapter_config.json there; point it at a PEFT adapter folder (e.g. OUT/adapter of "
-                "`rapidun unlearn`)"
-            )
-        paths.append((flag, p))
-    out = getattr(args, "out", None)
-    if not out:
-        return
-    o = Path(out).expanduser().resolve()
-    for flag, p in paths:
-        r = p.resolve()
-        if o == r or (r.is_dir() and o.is_relative_to(r)):
-            raise RapidunError(
-                f"--out {out} is the input {flag} {p} or inside it; choose another folder (inputs are never modified)"
-            )
-        if r.is_relative_to(o) and flag != "--config":
-            raise RapidunError(
-                f"the input {flag} {p} lies inside --out {out}; choose another --out (a replaced output is deleted, "
-                "and inputs are never modified)"
-            )
 
 
 def main(argv: list[str] | None = None) -> int:
