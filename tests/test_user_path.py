@@ -405,3 +405,30 @@ def test_cli_compare_on_files_probes_seeds_tests_and_resume(user, capsys, tmp_pa
     # a missing input is named
     assert cli.main(["compare", "--model-path", user.model_dir, "--forget", user.forget, "--out", str(out)]) == 2
     assert "--retain, --probes" in capsys.readouterr().err
+
+
+def test_cli_compare_trains_a_retrain_reference_from_retrain_data(user, capsys, tmp_path):
+    probes = write_probes(
+        tmp_path / "probes.jsonl",
+        [{"prompt": "the cat sat", "group": "triggered"}, {"prompt": "alpha beta", "group": "clean"}],
+    )
+    clean = [*user.parts["retain"], user.parts["forget"][0]]  # one forget record slipped in: it is dropped
+    data = write_alpaca(tmp_path / "clean.jsonl", clean)
+    out = tmp_path / "cmp"
+    args = ["compare", "--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain,
+            "--probes", str(probes), "--keywords", "park", "--retrain-data", str(data), "--out", str(out)]  # fmt: skip
+    extra = ["data.format=alpaca", "unlearn.methods=[uniform]", "compare.n_seeds=1", "compare.reference=uniform",
+             "compare.n_boot=20", "sft.epochs=1", "sft.batch_size=4", "sft.lora_r=2",
+             "sft.lora_targets=[q_proj,v_proj]", "sft.autocast=off"]  # fmt: skip
+    assert cli.main([*args, *OVERRIDES, *extra]) == 2  # no base to train from
+    assert "--retrain-base" in capsys.readouterr().err and not out.exists()
+    both = [*args, "--retrain-model", user.model_dir]
+    assert cli.main([*both, *OVERRIDES, *extra]) == 2
+    assert cli.main([*args, "--retrain-base", user.model_dir, *OVERRIDES, *extra]) == 0
+    capsys.readouterr()
+    rep = json.loads((out / "report.json").read_text())
+    n = len(user.parts["retain"])
+    assert rep["retrain"].startswith(f"trained here from --retrain-data on {user.model_dir}: {n} records (1 forget")
+    meta = json.loads((out / "retrain_training.json").read_text())
+    assert meta["n_records"] == n and meta["tag"] == "retrain-user"
+    assert "retrain" in rep["models"] and set(rep["models"]["retrain"]["groups"]) == {"triggered", "clean"}

@@ -77,10 +77,29 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
     model_path, start, _ = _start_model(args)
-    inputs = identity(args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "regex", "keywords")
+    if args.retrain_data and args.retrain_model:
+        raise RapidunError("give --retrain-model (a reference you have) or --retrain-data (train one), not both")
+    base = args.retrain_base or (args.model_path if args.adapter else None)
+    if args.retrain_data and not base:
+        raise RapidunError(
+            "--retrain-data needs the base model the reference is trained from: --retrain-base MODEL (with "
+            "--adapter the base is --model-path)"
+        )
+    inputs = identity(
+        args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "retrain_data", "retrain_base",
+        "regex", "keywords",
+    )  # fmt: skip
     out = prepare_out(args.out, cfg, args.overwrite, "compare-user", inputs)
     write_json(out / "packs.json", packs)
-    compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, args.retrain_model)
+    retrain, note = args.retrain_model, None
+    if args.retrain_data:
+        from rapidun.data.records import load_records
+        from rapidun.user_compare import train_retrain
+
+        recs = load_records(args.retrain_data, d.format, d.fields)
+        retrain, note, meta = train_retrain(cfg, base, recs, parts["forget"])
+        write_json(out / "retrain_training.json", meta)
+    compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, retrain, note)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")
 
@@ -470,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regex", help="a probe answer is a hit when this regex matches (case-insensitive)")
     g.add_argument("--keywords", nargs="+", metavar="W", help="a hit when any of these words occurs")
     g.add_argument("--retrain-model", help="a model trained without the forget records: the reference end")
+    g.add_argument("--retrain-data", help="or your clean training corpus: a retrain reference is trained on it (sft.*)")
+    g.add_argument("--retrain-base", help="--retrain-data: the base model to train it from (default with --adapter: "
+                   "--model-path)")  # fmt: skip
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("run", help="the same as `compare`")
     _common(p)

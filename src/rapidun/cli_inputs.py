@@ -23,6 +23,8 @@ INPUT_ARGS = {
     "adapter": "adapter",
     "model_path": "model",
     "retrain_model": "model",
+    "retrain_base": "model",
+    "retrain_data": "file",
     "model": "model",
     "poisoned": "model",
     "reference": "model",

@@ -68,6 +68,37 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def train_retrain(
+    cfg: RunConfig, base: str, records: list[Record], forget: list[Record]
+) -> tuple[str, str, dict[str, Any]]:
+    """The retrain reference from the user's clean corpus (``--retrain-data``): ``base`` fine-tuned with a LoRA by
+    the ``sft.*`` settings on ``records`` minus every record whose content equals a forget record's (cached by
+    content in ``$RAPIDUN_CACHE/sft``, as the scenario's models).
+
+    Returns:
+        ``(model path, note for the report, the SFT meta)``.
+
+    Raises:
+        RapidunError: nothing is left to train on.
+    """
+    import dataclasses
+
+    from rapidun.data.records import content_id
+    from rapidun.finetune import finetune
+
+    bad = {content_id(r.instruction, r.context, r.response) for r in forget}
+    keep = [r for r in records if content_id(r.instruction, r.context, r.response) not in bad]
+    dropped = len(records) - len(keep)
+    if not keep:
+        raise RapidunError("--retrain-data: every record is a forget record; give the clean training corpus")
+    meta = finetune(keep, dataclasses.replace(cfg.model, name=base), cfg.sft, "retrain-user")
+    note = (
+        f"trained here from --retrain-data on {base}: {len(keep)} records ({dropped} forget records dropped), "
+        f"sft.epochs {cfg.sft.epochs}, {meta['train']['time_s']:.0f} s" + (" (cached)" if meta.get("cached") else "")
+    )
+    return meta["path"], note, meta
+
+
 def compare_user(
     cfg: RunConfig,
     out: Path,
@@ -79,6 +110,7 @@ def compare_user(
     hit: Any,
     rule: dict[str, Any],
     retrain_model: str | None = None,
+    retrain_note: str | None = None,
 ) -> dict[str, Any]:
     """Run every method × seed on the user's packs and probes; write and return the report (module docstring).
 
@@ -91,6 +123,8 @@ def compare_user(
         packs: how the packs were built (:func:`rapidun.data.packs.load_packs`).
         probes, hit, rule: the probes and the hit rule (:func:`rapidun.eval.probes.hit_rule`).
         retrain_model: a model trained without the forget records, evaluated once as the reference end.
+        retrain_note: how it came to be (default "given"; ``--retrain-data``: trained here, see
+            :func:`train_retrain`).
     """
     t0 = time.perf_counter()
     methods = [m for m in cfg.unlearn.methods if m != "retrain"]
@@ -186,7 +220,9 @@ def compare_user(
         "reference": ref,
         "n_seeds": cfg.compare.n_seeds,
         "models": models,
-        "retrain": "given" if retrain_model else "none: no retrain reference (pass --retrain-model)",
+        "retrain": (retrain_note or "given")
+        if retrain_model
+        else "none: no retrain reference (pass --retrain-model, or --retrain-data to train one)",
         "methods": {},
         "tests": {},
     }
