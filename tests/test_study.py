@@ -83,16 +83,23 @@ def test_load_study_labels_overrides_and_scenario_config_relative_to_the_file(tm
     assert with_overrides(cfg, []) is cfg
 
 
-def test_shipped_study_file_loads():
+def test_shipped_study_files_load():
     spec = load_study(ROOT / "configs" / "study.yaml")
     assert spec.settings.reference == "uniform" and spec.settings.n_seeds == 5
-    assert [s.name for s in spec.scenarios] == ["demo", "paper_regime"]
+    assert [s.name for s in spec.scenarios] == ["demo"]
     labels = [m.label for m in spec.methods]
     assert labels[0] == "uniform" and "rapidun" in labels and len(labels) == len(set(labels))
     assert all(m.label == m.method for m in spec.methods)
-    demo, paper = (scenario_config(spec, s) for s in spec.scenarios)
+    demo = scenario_config(spec, spec.scenarios[0])
     assert demo.scenario.splits.val_seen_trig == 80 and demo.scenario.splits.test_ood_trig == 80
+    paper_spec = load_study(ROOT / "configs" / "study_paper.yaml")
+    assert paper_spec.settings.reference == "uniform_lr1e-4" and paper_spec.settings.n_seeds == 5
+    paper = scenario_config(paper_spec, paper_spec.scenarios[0])
     assert paper.scenario.splits.val_seen_trig == 80 and paper.scenario.forget_size == 40
+    for m in paper_spec.methods:  # the screening's labels and settings, so its seed-42 cells are reused
+        assert m.overrides == ["unlearn.lr=1e-4"]
+    screen = {m.label: m for m in load_study(ROOT / "configs" / "study_paper_screen.yaml").methods}
+    assert all(screen[m.label] == m for m in paper_spec.methods)
 
 
 @pytest.mark.parametrize(
