@@ -374,6 +374,10 @@ def test_cli_compare_on_files_probes_seeds_tests_and_resume(user, capsys, tmp_pa
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema"] == "rapidun.user_report/1" and rep["n_seeds"] == 2 and rep["reference"] == "uniform"
     assert set(rep["methods"]) == {"uniform", "rapidun_aligned"} and rep["retrain"] == "given"
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "hit rate triggered" in html
+    for name in ("uniform", "rapidun_aligned"):  # every method's mean triggered hit rate, as in report.md
+        assert f'<td class="r">{rep["methods"][name]["hit_rate"]["triggered"]["mean"]:.3f}' in html
     assert rep["models"]["retrain"]["groups"] == rep["models"]["start"]["groups"]  # the same model, twice
     for m in rep["methods"].values():
         assert m["n_seeds"] == 2 and set(m["hit_rate"]) == {"triggered", "clean"}

@@ -31,6 +31,8 @@ from rapidun.eval.probes import Probe, evaluate_probes
 from rapidun.io import read_json, stable_hash, write_json, write_jsonl, write_text
 from rapidun.methods import get_method
 from rapidun.models import fingerprint, load_model
+from rapidun.reporting.doc import Block, Facts, Heading, Note, Table
+from rapidun.reporting.html import render_html
 from rapidun.stats import compare_hits, mean_std
 from rapidun.unlearn import unlearn
 from rapidun.views import method_views
@@ -249,7 +251,11 @@ def compare_user(
     report["wall_s"] = time.perf_counter() - t0
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_md(report))
+    write_text(out / "report.html", render_html(user_blocks(report), "rapidun compare on your files"))
     return report
+
+
+PPL_KEYS = ("forget_ppl_poisoned", "forget_ppl_clean", "retain_ppl")
 
 
 def _pm(ms: dict[str, Any], fmt: str) -> str:
@@ -279,14 +285,11 @@ def render_md(report: dict[str, Any]) -> str:
     ]
     for name, m in report["models"].items():
         cells = [f"{m['groups'][g]['hit_rate']:.3f}" if g in m["groups"] else "–" for g in groups]
-        ppl = [
-            f"{m[k]:.2f}" if m.get(k) is not None else "–"
-            for k in ("forget_ppl_poisoned", "forget_ppl_clean", "retain_ppl")
-        ]
+        ppl = [f"{m[k]:.2f}" if m.get(k) is not None else "–" for k in PPL_KEYS]
         lines.append(f"| {name} (model) | " + " | ".join(cells + ppl) + " | – |")
     for name, m in report["methods"].items():
         cells = [_pm(m["hit_rate"][g], ".3f") for g in groups]
-        ppl = [_pm(m[k], ".2f") for k in ("forget_ppl_poisoned", "forget_ppl_clean", "retain_ppl")]
+        ppl = [_pm(m[k], ".2f") for k in PPL_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells + ppl + [_pm(m["time_s"], ".0f")]) + " |")
     lines += ["", f"Paired against {report['reference']} (same probes and seeds; diff = method − reference):", ""]
     lines += ["| method | group | diff [95% CI] | McNemar p |", "|---|---|---:|---:|"]
@@ -300,3 +303,55 @@ def render_md(report: dict[str, Any]) -> str:
     if warns:
         lines += ["", "Warnings:", *[f"- {w}" for w in sorted(warns)]]
     return "\n".join(lines) + "\n"
+
+
+def user_blocks(report: dict[str, Any]) -> list[Block]:
+    """The same content as :func:`render_md` as report blocks, for ``report.html`` (self-contained, escaped)."""
+    groups = list(report["probes"]["groups"])
+    sizes = ", ".join(f"{g} {n}" for g, n in report["probes"]["groups"].items())
+    mdl = report["model"]
+    facts = [
+        ("Model", f"{mdl.get('model')} (fingerprint {mdl.get('fingerprint')})"
+         + (f" + adapter {mdl['adapter']}" if mdl.get("adapter") else "")),
+        ("Packs", f"{report['packs'].get('n_forget')} forget, {report['packs'].get('n_retain')} retain"
+         + (" (drawn from the retain file)" if report["packs"].get("retain_drawn") else "")),
+        ("Probes", f"{report['probes']['n']} ({sizes}); hit rule: {report['hit_rule']['rule']}"),
+        ("Seeds", str(report["n_seeds"])),
+        ("Reference", str(report["reference"])),
+        ("Retrain", str(report["retrain"])),
+    ]  # fmt: skip
+    head = ["Model / method", *(f"hit rate {g}" for g in groups), "forget PPL", "replacement PPL", "retain PPL",
+            "time s"]  # fmt: skip
+    rows = []
+    for name, m in report["models"].items():
+        cells = [f"{m['groups'][g]['hit_rate']:.3f}" if g in m["groups"] else "–" for g in groups]
+        ppl = [f"{m[k]:.2f}" if m.get(k) is not None else "–" for k in PPL_KEYS]
+        rows.append([f"{name} (model)", *cells, *ppl, "–"])
+    for name, m in report["methods"].items():
+        cells = [_pm(m["hit_rate"][g], ".3f") for g in groups]
+        rows.append([name, *cells, *(_pm(m[k], ".2f") for k in PPL_KEYS), _pm(m["time_s"], ".0f")])
+    trows = []
+    for name, t in report["tests"].items():
+        for g in groups:
+            b, mc = t[g]["bootstrap"], t[g]["mcnemar"]
+            trows.append([name, g, f"{b['diff']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]", f"{mc['p']:.3g}"])
+    out: list[Block] = [
+        Heading("rapidun compare on your files", 1),
+        Facts(facts),
+        Table(
+            head,
+            rows,
+            "From report.json: models.NAME and methods.NAME (mean ± std over seeds).",
+            ["l"] + ["r"] * (len(head) - 1),
+        ),
+        Heading(f"Paired against {report['reference']}", 2),
+        Table(
+            ["Method", "Group", "Diff [95% CI]", "McNemar p"],
+            trows,
+            "From report.json: tests.NAME.GROUP; same probes and seeds, diff = method − reference.",
+            ["l", "l", "r", "r"],
+        ),
+    ]
+    warns = sorted({w for m in report["methods"].values() for w in m["warnings"]})
+    out += [Note(f"Warning: {w}") for w in warns]
+    return out
