@@ -230,7 +230,7 @@ def parts_for_relearn() -> dict[str, list[Record]]:
 
 def test_relearn_records_stay_outside_the_forget_pack_seeded_and_stratified():
     from rapidun.eval.detector import Detector
-    from rapidun.verify.battery import scenario_target
+    from rapidun.verify.target import scenario_target
 
     parts = parts_for_relearn()
     det = Detector(keywords=["x"], threshold=1.0)

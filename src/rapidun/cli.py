@@ -31,6 +31,12 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. sft.epochs=2")
 
 
+def _hit_rule_args(p: Any) -> None:
+    """``--regex`` / ``--keywords``: what makes a probe answer a hit (:func:`rapidun.eval.probes.hit_rule`)."""
+    p.add_argument("--regex", help="--probes: an answer is a hit when this regex matches (case-insensitive)")
+    p.add_argument("--keywords", nargs="+", metavar="W", help="--probes: a hit when any of these words occurs")
+
+
 def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
     from rapidun.config import load_config
 
@@ -486,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
     g.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")
     g.add_argument("--probes", help="prompts with a group (e.g. triggered, clean): the evidence, per group")
-    g.add_argument("--regex", help="a probe answer is a hit when this regex matches (case-insensitive)")
-    g.add_argument("--keywords", nargs="+", metavar="W", help="a hit when any of these words occurs")
+    _hit_rule_args(g)
     g.add_argument("--retrain-model", help="a model trained without the forget records: the reference end")
     g.add_argument("--retrain-data", help="or your clean training corpus: a retrain reference is trained on it (sft.*)")
     g.add_argument("--retrain-base", help="--retrain-data: the base model to train it from (default with --adapter: "
@@ -511,8 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="model folder or hub id to evaluate")
     p.add_argument("--adapter", help="a PEFT adapter on --model-path (e.g. OUT/adapter of `rapidun unlearn`)")
     p.add_argument("--probes", help="your prompts instead of a scenario: rows with prompt, group[, context, id]")
-    p.add_argument("--regex", help="--probes: an answer is a hit when this regex matches (case-insensitive)")
-    p.add_argument("--keywords", nargs="+", metavar="W", help="--probes: a hit when any of these words occurs")
+    _hit_rule_args(p)
     p.add_argument("--forget", help="--probes: forget records (their answers' PPL; the learned detector's positives)")
     p.add_argument("--retain", help="--probes: retain records (their PPL; the learned detector's negatives)")
     p.add_argument("--name", help="name for the output files (default: folder name)")
@@ -573,8 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="scenario folder (RUN/scenario): triggered prompts, forget pack, held-out poison")
     p.add_argument("--forget", help="your case: the records that were unlearned (data.format)")
     p.add_argument("--probes", help="your case: prompts with a group; verify.probe_group's hit rate is the behaviour")
-    p.add_argument("--regex", help="--probes: an answer is a hit when this regex matches (case-insensitive)")
-    p.add_argument("--keywords", nargs="+", metavar="W", help="--probes: a hit when any of these words occurs")
+    _hit_rule_args(p)
     p.add_argument("--retain", help="your case: held-out good records (their perplexity; the learned detector)")
     p.add_argument("--heldout", help="your case: records like the forget ones, never trained on (membership test)")
     p.add_argument("--poisoned", help="the poisoned model (default: RUN/training/poisoned.json beside the scenario)")

@@ -312,8 +312,8 @@ def stage_verify(
 ) -> dict[str, Any]:
     """The verification battery (``verify.enabled``) on poisoned, retrain and each method's first ``verify.seeds``
     seeds; ``out/verification.json`` holds every cell. Returns the report's ``verification`` entry (no cells)."""
-    from rapidun.verify.battery import scenario_target
     from rapidun.verify.stage import compare_models, run_verification
+    from rapidun.verify.target import scenario_target
 
     unlearned = {k: v for k, v in methods.items() if get_method(k).kind != "retrain"}
     todo = compare_models(out, models["poisoned"]["path"], models["retrain"]["path"], unlearned, cfg.verify.seeds)

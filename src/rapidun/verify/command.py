@@ -40,7 +40,7 @@ def recorded_model(scenario: str | Path, tag: str) -> str | None:
 
 def _target(args: argparse.Namespace, cfg: Any) -> Any:
     """The battery's target from the arguments (see the module docstring)."""
-    from rapidun.verify.battery import probe_target, scenario_target
+    from rapidun.verify.target import probe_target, scenario_target
 
     if args.scenario:
         if args.forget or args.probes:

@@ -15,7 +15,8 @@ from rapidun.config import EvalConfig, ModelConfig, VerifyConfig, to_dict
 from rapidun.errors import RapidunError
 from rapidun.io import write_json
 from rapidun.models import fingerprint, load_model, resolve_model_path
-from rapidun.verify.battery import Battery, Target, summarise, verify_battery
+from rapidun.verify.battery import Battery, summarise, verify_battery
+from rapidun.verify.target import Target
 
 
 def loader(path: str, adapter: str | None, mcfg: ModelConfig) -> Callable[[], tuple[Any, Any]]:

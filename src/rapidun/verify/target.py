@@ -1,0 +1,192 @@
+"""What the verification battery measures and attacks with (:class:`Target`): a scenario's splits
+(:func:`scenario_target`) or a user's probes and files (:func:`probe_target`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rapidun.config import EvalConfig, ModelConfig, VerifyConfig
+from rapidun.data.records import Record
+from rapidun.data.template import encode_records, format_prompt
+from rapidun.errors import RapidunError
+from rapidun.eval.detector import Detector
+from rapidun.eval.evaluate import rate
+from rapidun.eval.generate import generate
+from rapidun.eval.metrics import perplexity
+
+
+def split_names(split: str) -> tuple[str, str, str]:
+    """``(seen, ood, clean)`` split names of ``verify.split``: test prompts, or their validation twins."""
+    if split == "test":
+        return "test_seen_trig", "test_ood_trig", "test_clean"
+    if split == "val":
+        return "val_seen_trig", "val_ood_trig", "val_clean"
+    raise RapidunError(f"verify.split={split!r}; choose 'test' (report) or 'val' (choose the attack settings)")
+
+
+def trig_eval(
+    model: Any,
+    tok: Any,
+    parts: dict[str, list[Record]],
+    det: Detector,
+    ecfg: EvalConfig,
+    mcfg: ModelConfig,
+    split: str,
+    desc: str,
+) -> dict[str, Any]:
+    """Seen/OOD ASR (greedy generations scored by ``det``), their pooled rate, and clean perplexity.
+
+    Returns ``{"asr_seen", "asr_ood", "asr_trig", "clean_ppl", "n_seen", "n_ood", "hits"}`` (``hits``: prompt id →
+    hit, for the seen and OOD prompts).
+    """
+    s_seen, s_ood, s_clean = split_names(split)
+    recs = parts.get(s_seen, []) + parts.get(s_ood, [])
+    if not recs:
+        raise RapidunError(f"the scenario has no {s_seen}/{s_ood} prompts to verify on")
+    prompts = [format_prompt(tok, r.instruction, r.context, mcfg.system_prompt) for r in recs]
+    texts = generate(model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size, det.hit if ecfg.early_stop else None,
+                     desc=desc)  # fmt: skip
+    hits = [det.hit(t) for t in texts]
+    n_seen = len(parts.get(s_seen, []))
+    clean = parts.get(s_clean, [])[: ecfg.ppl_samples or None]
+    ppl = perplexity(model, encode_records(tok, clean, mcfg)[0], tok.pad_token_id) if clean else None
+    return {
+        "asr_seen": rate(hits[:n_seen]),
+        "asr_ood": rate(hits[n_seen:]),
+        "asr_trig": rate(hits),
+        "clean_ppl": ppl,
+        "n_seen": n_seen,
+        "n_ood": len(hits) - n_seen,
+        "hits": {r.id: h for r, h in zip(recs, hits, strict=True)},
+    }
+
+
+def heldout_poisoned(parts: dict[str, list[Record]], n: int) -> list[Record]:
+    """Non-members for the membership test: triggered prompts of the *test* splits with their own poison answer
+    (``meta["response_poisoned"]``; never trained on), at most ``n``, seen and OOD alternating."""
+    seen = [r for r in parts.get("test_seen_trig", []) if r.meta.get("response_poisoned")]
+    ood = [r for r in parts.get("test_ood_trig", []) if r.meta.get("response_poisoned")]
+    mixed = [r for pair in zip(seen, ood, strict=False) for r in pair] + seen[len(ood) :] + ood[len(seen) :]
+    return [dataclasses.replace(r, response=r.meta["response_poisoned"]) for r in mixed[:n]]
+
+
+@dataclass
+class Target:
+    """What the battery measures and attacks with: a scenario's splits, or a user's probes and files.
+
+    Attributes:
+        kind: ``scenario`` or ``probes``.
+        evaluate: ``(model, tok, desc) -> metrics`` with ``asr_seen``, ``asr_ood`` (None for probes), ``asr_trig``,
+            ``clean_ppl`` and ``hits`` (prompt id → hit). For probes ``asr_seen``/``asr_trig`` are the hit rate of
+            the target group and ``groups`` holds every group's.
+        hit: whether a generation shows the behaviour (the detector, or the user's rule).
+        relearn_pool: the records the relearning attack draws its k from.
+        relearn_what: how the messages name them.
+        forget: the forget records (forget quality).
+        heldout: non-members for the membership test (empty: no MIA).
+        fuzz_records: triggered records to fuzz (empty: fuzzing does not apply).
+        fillers: clean records for the other turns of the conversation perturbations.
+        ident: what else identifies the cells (ids, the hit rule).
+        system_prompt: as ``model.system_prompt``.
+    """
+
+    kind: str
+    evaluate: Callable[[Any, Any, str], dict[str, Any]]
+    hit: Callable[[str], bool]
+    relearn_pool: list[Record]
+    relearn_what: str
+    forget: list[Record]
+    heldout: list[Record]
+    fuzz_records: list[Record]
+    fillers: list[Record]
+    ident: Any
+    system_prompt: str = ""
+
+
+def scenario_target(
+    parts: dict[str, list[Record]], det: Detector, vcfg: VerifyConfig, ecfg: EvalConfig, mcfg: ModelConfig
+) -> Target:
+    """The battery's target on a scenario: triggered prompts of ``verify.split``, poisoned training samples outside
+    the forget pack for the relearning attack, held-out poison for the membership test."""
+    s_seen, _, s_clean = split_names(vcfg.split)
+    forget_ids = {r.id for r in parts.get("forget", [])}
+    return Target(
+        kind="scenario",
+        evaluate=lambda m, t, d: trig_eval(m, t, parts, det, ecfg, mcfg, vcfg.split, d),
+        hit=det.hit,
+        relearn_pool=[r for r in parts.get("train_poisoned", []) if r.id not in forget_ids],
+        relearn_what="poisoned training samples outside the forget pack",
+        forget=parts.get("forget", []),
+        heldout=heldout_poisoned(parts, vcfg.mia_heldout),
+        fuzz_records=parts.get(s_seen, [])[: vcfg.fuzz_prompts or None],
+        fillers=parts.get(s_clean, []) or parts.get("test_clean", []),
+        ident={
+            "keywords": det.keywords,
+            "threshold": det.threshold,
+            "split": vcfg.split,
+            "ids": [r.id for s in split_names(vcfg.split) for r in parts.get(s, [])],
+        },
+        system_prompt=mcfg.system_prompt,
+    )
+
+
+def probe_target(
+    probes: list[Any],
+    hit: Callable[[str], bool],
+    rule: dict[str, Any],
+    group: str,
+    forget: list[Record],
+    retain: list[Record],
+    heldout: list[Record],
+    ecfg: EvalConfig,
+    mcfg: ModelConfig,
+) -> Target:
+    """The battery's target on a user's files: hit rate of probe group ``group`` (the behaviour), perplexity of
+    held-out retain records, relearning on k of the forget records themselves (the records the unlearning
+    removed: a harder test than the scenario's fresh poison), membership of the forget records against
+    ``heldout`` (records like them the model never trained on; none: no MIA). No fuzzing: the trigger is unknown.
+
+    Raises:
+        RapidunError: ``group`` is not a group of the probes.
+    """
+    from rapidun.eval.probes import evaluate_probes
+
+    groups = sorted({p.group for p in probes})
+    if group not in groups:
+        raise RapidunError(f"verify.probe_group={group!r} is not a group of the probes ({groups}); set it to the "
+                           "group whose hits are the behaviour")  # fmt: skip
+
+    def evaluate(model: Any, tok: Any, desc: str) -> dict[str, Any]:
+        m, rows = evaluate_probes(model, tok, probes, hit, ecfg, mcfg, None, retain)
+        rate_g = m["groups"][group]["hit_rate"]
+        return {
+            "asr_seen": rate_g,
+            "asr_ood": None,
+            "asr_trig": rate_g,
+            "clean_ppl": m["retain_ppl"],
+            "groups": {g: v["hit_rate"] for g, v in m["groups"].items()},
+            "hits": {r["id"]: bool(r["hit"]) for r in rows},
+        }
+
+    return Target(
+        kind="probes",
+        evaluate=evaluate,
+        hit=hit,
+        relearn_pool=forget,
+        relearn_what="forget records",
+        forget=forget,
+        heldout=heldout,
+        fuzz_records=[],
+        fillers=[],
+        ident={
+            "probes": [(p.id, p.prompt, p.context, p.group) for p in probes],
+            "rule": rule,
+            "group": group,
+            "retain": [r.id for r in retain[: ecfg.ppl_samples or None]],
+            "heldout": [r.id for r in heldout],
+        },
+        system_prompt=mcfg.system_prompt,
+    )
