@@ -439,6 +439,17 @@ def cmd_verify(args: argparse.Namespace) -> None:
     run_verify(args, cfg, identity(args, *keys, "poisoned", "reference"))
 
 
+def cmd_trace(args: argparse.Namespace) -> None:
+    from rapidun.config import to_dict
+    from rapidun.trace.command import cmd_trace as run_trace
+    from rapidun.trace.command import flag_overrides
+
+    args.overrides = list(args.overrides) + flag_overrides(args)
+    cfg = _load(args)
+    keys = ("model_path", "adapter", "scenario", "train", "probes", "generate", "to_forget")
+    run_trace(args, cfg, identity(args, *keys) | {"trace": to_dict(cfg.trace)})
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from rapidun.config import describe, dump_yaml
 
@@ -584,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="the retrain reference (default: RUN/training/retrain.json beside the scenario)")
     p.add_argument("--name", help="label of the verified model (default: the adapter's or model's folder name)")
     p.set_defaults(fn=cmd_verify)
+    from rapidun.trace.command import add_parser as add_trace
+
+    add_trace(sub, _common)
+    sub.choices["trace"].set_defaults(fn=cmd_trace)
     p = sub.add_parser("config", help="print the resolved config (or every field with its help)")
     _common(p, out_required=False)
     p.add_argument("--fields", action="store_true", help="list every field, its default and help")

@@ -42,12 +42,13 @@ def check_inputs(args: argparse.Namespace) -> None:
 
     from rapidun.models import DEFAULT_MODEL, GEMMA_MODEL, resolve_model_path
 
-    swallowed = [w for w in getattr(args, "keywords", None) or [] if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", w)]
-    if swallowed:
-        raise RapidunError(
-            f"--keywords took {swallowed}, which look like config overrides; put the overrides before --keywords "
-            "(or end the keyword list with --)"
-        )
+    for flag in ("keywords", "hotwords"):
+        swallowed = [w for w in getattr(args, flag, None) or [] if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", w)]
+        if swallowed:
+            raise RapidunError(
+                f"--{flag} took {swallowed}, which look like config overrides; put the overrides before --{flag} "
+                "(or end the word list with --)"
+            )
     paths: list[tuple[str, Path]] = []
     for k, kind in INPUT_ARGS.items():
         v = getattr(args, k, None)

@@ -347,6 +347,24 @@ class VerifyConfig:
     seed: int = _f(0, "seed of the attacks (relearn samples, adapter init)")
 
 
+TRACE_SPLITS = ("test_seen_trig", "test_ood_trig", "val_seen_trig", "val_ood_trig")
+
+
+@dataclass
+class TraceConfig:
+    n_probes: int = _f(10, "`trace --scenario`: triggered prompts used as probes (stratified by trigger family)")
+    probe_split: str = _f("test_seen_trig", "`trace --scenario`: the split the probes come from")
+    top_k: int = _f(100, "records kept per probe (its top-k list and the 'count' aggregate)")
+    aggregate: str = _f("mean", "ranking score over probes: 'mean', 'max' or 'count' (top-k memberships)")
+    hotwords: list = _f([], "token-wise mode: restrict the probe loss to these words (RapidIn)")
+    auto_hotwords: bool = _f(False, "token-wise mode with words learned from the probe outputs vs corpus answers")
+    n_hotwords: int = _f(20, "auto_hotwords: most words kept")
+    auto_z: float = _f(3.5, "`--to-forget auto`: records whose robust z of the ranking score is at least this")
+    baselines: bool = _f(True, "`trace --scenario`: also rank by BM25, by the records' own loss and at random")
+    compare: bool = _f(False, "`compare`: also unlearn with the forget pack traced from the corpus (method@traced)")
+    seed: int = _f(0, "seed of the probe choice and of the random baseline")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,6 +377,7 @@ class RunConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
 
 
 def _methods_ok(v: Any) -> bool:
@@ -484,6 +503,16 @@ CHECKS: dict[str, Check] = {
     "verify.mia_heldout": COUNT,
     "verify.probe_group": Check("a non-empty group name", lambda v: isinstance(v, str) and bool(v.strip())),
     "verify.seed": SEED,
+    "trace.n_probes": COUNT,
+    "trace.probe_split": one_of(*TRACE_SPLITS),
+    "trace.top_k": COUNT,
+    "trace.aggregate": one_of("mean", "max", "count"),
+    "trace.hotwords": Check(
+        "a list of non-empty words", lambda v: isinstance(v, list) and all(isinstance(w, str) and w.strip() for w in v)
+    ),
+    "trace.n_hotwords": COUNT,
+    "trace.auto_z": POSITIVE,
+    "trace.seed": SEED,
 }
 # Relations between fields: (fields named in the message, test, what must hold).
 RELATIONS: list[tuple[str, Any, str]] = [
@@ -651,6 +680,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = _yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RapidunError(f"config file {path}: invalid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise RapidunError(
+                f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 (or is it another file?)"
+            ) from None
     if not isinstance(data, dict):
         raise RapidunError(f"config file {path}: expected a mapping of sections (model:, data:, ...), got {data!r}")
     data = apply_overrides(data, overrides or [])

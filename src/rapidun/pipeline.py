@@ -33,10 +33,10 @@ from rapidun.methods import get_method
 
 
 def run_identity(cfg: RunConfig) -> str:
-    """What makes a run folder "the same run": the config without ``compare.*``, ``verify.*`` and
+    """What makes a run folder "the same run": the config without ``compare.*``, ``verify.*``, ``trace.*`` and
     ``unlearn.methods``, so more seeds, methods or checks extend a run (finished cells are reused; each cell has
     its own content key)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify")}
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify", "trace")}
     d["unlearn"] = {k: v for k, v in d["unlearn"].items() if k != "methods"}
     return stable_hash(d)
 
@@ -69,8 +69,8 @@ def prepare_out(
     base = run_identity(cfg)
     h = base if kind == "run" and not inputs else stable_hash([base, kind, inputs or {}])
     legacy = (
-        stable_hash({k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify")}),
-        stable_hash({k: v for k, v in to_dict(cfg).items() if k != "verify"}),
+        stable_hash({k: v for k, v in to_dict(cfg).items() if k not in ("compare", "verify", "trace")}),
+        stable_hash({k: v for k, v in to_dict(cfg).items() if k not in ("verify", "trace")}),
     )
     if out.exists() and not out.is_dir():
         raise RapidunError(f"--out {out} is a file; give a folder")

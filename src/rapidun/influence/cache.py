@@ -24,7 +24,7 @@ import json
 import re
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -366,21 +366,54 @@ class SketchCache:
             dest.append(pos)
             rows.append(row)
         for si, (dest, rows) in sorted(by_shard.items()):
-            entry = self._shards[si]
-            path = self.folder / entry["file"]
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise RapidunError(f"cannot read sketch shard {path}: {e}; delete the cache folder") from e
-            ok = (
-                isinstance(blob, dict)
-                and blob.get("ids") == entry["ids"]
-                and isinstance(blob.get("sketch"), torch.Tensor)
-            )
-            sk = blob["sketch"] if ok else None
-            if sk is None or tuple(sk.shape) != (len(entry["ids"]), self.K):
-                raise RapidunError(
-                    f"sketch shard {path} does not match {MANIFEST} (other ids or shape); delete the cache folder"
-                )
-            out[dest] = sk[rows].to(dtype)  # (len(rows), K)
+            out[dest] = self._read_shard(si)[rows].to(dtype)  # (len(rows), K)
         return out
+
+    def _read_shard(self, si: int) -> torch.Tensor:
+        """The ``(n_shard, K)`` float16 sketches of shard ``si``, checked against the manifest."""
+        entry = self._shards[si]
+        path = self.folder / entry["file"]
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RapidunError(f"cannot read sketch shard {path}: {e}; delete the cache folder") from e
+        ok = isinstance(blob, dict) and blob.get("ids") == entry["ids"] and isinstance(blob.get("sketch"), torch.Tensor)
+        sk = blob["sketch"] if ok else None
+        if sk is None or tuple(sk.shape) != (len(entry["ids"]), self.K):
+            raise RapidunError(
+                f"sketch shard {path} does not match {MANIFEST} (other ids or shape); delete the cache folder"
+            )
+        return sk
+
+    def iter_rows(
+        self, ids: Sequence[str], dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Stream the sketches of ``ids`` shard by shard: memory holds one shard, never the whole set.
+
+        Shards are visited in write order; each yields the positions (in ``ids``) of the rows it holds and those
+        rows. Every position of ``ids`` is yielded exactly once (a repeated id at each of its positions).
+
+        Args:
+            ids: ``n`` cached sample ids.
+            dtype: Dtype of the yielded rows.
+
+        Yields:
+            ``(positions, rows)``: ``positions`` a list of ``m`` indices into ``ids``, ``rows`` a tensor ``(m, K)``.
+
+        Raises:
+            RapidunError: An id is not cached, or a shard does not match the manifest.
+        """
+        ids = list(ids)
+        unknown = [i for i in ids if i not in self._index]
+        if unknown:
+            raise RapidunError(
+                f"sketch cache {self.folder} has no sketch for {len(unknown)} id(s): {_show_ids(unknown)}"
+            )
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (positions in ids, rows in shard)
+        for pos, i in enumerate(ids):
+            si, row = self._index[i]
+            dest, rows = by_shard.setdefault(si, ([], []))
+            dest.append(pos)
+            rows.append(row)
+        for si, (dest, rows) in sorted(by_shard.items()):
+            yield dest, self._read_shard(si)[rows].to(dtype)  # (len(rows), K)

@@ -83,6 +83,9 @@ def cache_key(r: Record) -> str:
     return f"{r.id}#{stable_hash(r.to_json(), 12)}"
 
 
+BLOCK_RECORDS = 256  # records per write block: a crash loses at most one block, rank 0 holds one block of sketches
+
+
 def sketch_records(
     model: Any,
     tok: Any,
@@ -97,9 +100,12 @@ def sketch_records(
 ) -> dict[str, Any]:
     """Compute and cache the sketches of the records not yet in ``cache``. Returns measured statistics.
 
-    Under ``torchrun`` every rank computes whole batches (rank r: batches r, r+W, ...) and rank 0, the only
-    process that touches the cache (``cache`` is None elsewhere), writes them in the single-process order.
-    Samples with no answer tokens (possible only in token-wise mode) get a zero sketch and are counted.
+    Work goes in blocks of about :data:`BLOCK_RECORDS` records (a whole number of batches per rank); each block is
+    written to the cache as soon as it is done, so a killed run resumes at the last finished block and memory
+    holds one block, whatever the corpus size. Under ``torchrun`` every rank computes whole batches of a block
+    (rank r: batches r, r+W, ...) and rank 0, the only process that touches the cache (``cache`` is None
+    elsewhere), writes them in the single-process order. Samples with no answer tokens (possible only in
+    token-wise mode) get a zero sketch and are counted.
     """
     rank, world = rank_world()
     todo = set(broadcast(cache.missing([cache_key(r) for r in records]) if cache is not None else None))
@@ -116,34 +122,42 @@ def sketch_records(
     }
     if not recs:
         return stats
-    enc, trunc = encode_records(tok, recs, mcfg)
-    stats["truncation"] = trunc
-    starts = list(range(0, len(recs), icfg.batch_size))
-    mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
-    for s in tqdm(starts[rank::world], desc=desc, unit="batch", mininterval=2.0, disable=rank != 0):
-        fault_point("influence:batch")
-        batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
-        if hot is not None:
-            batch.labels = restrict_labels(batch.labels, hot)
-        empty = int((~has_answer(batch.labels)).sum())
-        t0 = time.perf_counter()
-        G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
-        t1 = time.perf_counter()
-        S = proj.project(G)  # (B, K)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stats["grad_s"] += t1 - t0
-        stats["sketch_s"] += time.perf_counter() - t1
-        mine[s] = ([cache_key(r) for r in recs[s : s + icfg.batch_size]], S.cpu(), empty)
-    everything = gather_dicts(mine)
-    if cache is not None:
-        t0 = time.perf_counter()
-        for s in starts:
-            ids, S, _ = everything[s]
-            cache.add(ids, S)
-        stats["write_s"] = time.perf_counter() - t0
-    stats["no_answer_tokens"] = sum(v[2] for v in everything.values())
-    barrier()
+    per_block = icfg.batch_size * world * max(1, -(-BLOCK_RECORDS // (icfg.batch_size * world)))
+    bar = tqdm(total=len(recs), desc=desc, unit="sample", mininterval=2.0, disable=rank != 0)
+    trunc_total: dict[str, int] = {}
+    for b0 in range(0, len(recs), per_block):
+        block = recs[b0 : b0 + per_block]
+        enc, trunc = encode_records(tok, block, mcfg)
+        for k, v in trunc.items():
+            trunc_total[k] = trunc_total.get(k, 0) + v
+        starts = list(range(0, len(block), icfg.batch_size))
+        mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
+        for s in starts[rank::world]:
+            fault_point("influence:batch")
+            batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
+            if hot is not None:
+                batch.labels = restrict_labels(batch.labels, hot)
+            empty = int((~has_answer(batch.labels)).sum())
+            t0 = time.perf_counter()
+            G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
+            t1 = time.perf_counter()
+            S = proj.project(G)  # (B, K)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stats["grad_s"] += t1 - t0
+            stats["sketch_s"] += time.perf_counter() - t1
+            mine[s] = ([cache_key(r) for r in block[s : s + icfg.batch_size]], S.cpu(), empty)
+        everything = gather_dicts(mine)
+        if cache is not None:
+            t0 = time.perf_counter()
+            ids = [i for s in starts for i in everything[s][0]]
+            cache.add(ids, torch.cat([everything[s][1] for s in starts]))  # (len(block), K)
+            stats["write_s"] += time.perf_counter() - t0
+        stats["no_answer_tokens"] += sum(v[2] for v in everything.values())
+        bar.update(len(block))
+        barrier()
+    bar.close()
+    stats["truncation"] = trunc_total
     return stats
 
 

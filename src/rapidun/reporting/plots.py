@@ -147,8 +147,11 @@ def family_bars(families: Sequence[str], series: Sequence[FamilySeries]) -> byte
     return to_png(fig)
 
 
-def weight_histogram(groups: dict[str, np.ndarray], colors: dict[str, str] | None = None) -> bytes:
-    """Histogram of per-sample weights on shared bins, one bar colour per group (forget, retain) side by side."""
+def weight_histogram(
+    groups: dict[str, np.ndarray], colors: dict[str, str] | None = None, xlabel: str = "weight", log_y: bool = False
+) -> bytes:
+    """Histogram of per-sample values (weights; trace scores) on shared bins, one bar colour per group (forget,
+    retain; culprit, other) side by side."""
     colors = colors or {"forget": "#d62728", "retain": "#1f77b4"}
     allw = np.concatenate([g for g in groups.values() if g.size]) if groups else np.zeros(0)
     bins = np.histogram_bin_edges(allw, bins=min(40, max(5, int(math.sqrt(max(1, allw.size))) * 2)))
@@ -163,8 +166,10 @@ def weight_histogram(groups: dict[str, np.ndarray], colors: dict[str, str] | Non
         edgecolor="white",
         linewidth=0.5,
     )
-    ax.set_xlabel("weight")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("samples")
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9)
     return to_png(fig)
