@@ -381,7 +381,7 @@ def test_trace_on_a_scenario_reports_metrics_and_baselines(tmp_path, monkeypatch
     out = tmp_path / "trace"
     argv = ["trace", "--out", str(out), "--scenario", str(tmp_path / "run" / "scenario"), "--model-path",
             str(model_dir), "--to-forget", "auto", *ov, "model.max_length=32", "model.max_prompt_tokens=16",
-            "influence.lora_r=2", "influence.K=32", "trace.n_probes=3", "trace.top_k=4"]  # fmt: skip
+            "influence.lora_r=2", "influence.K=32", "trace.n_probes=3", "trace.top_k=4", "scenario.retain_ratio=2"]  # fmt: skip
     assert cli.main(argv) == 0
     doc = json.loads((out / "trace.json").read_text())
     assert (doc["forget"]["file"] is not None) == (doc["forget"]["n"] > 0)  # a random tiny model may show no outlier
@@ -403,3 +403,54 @@ def test_trace_config_is_checked():
         load_config(None, ["trace.aggregate=sum"])
     with pytest.raises(RapidunError, match=r"trace\.probe_split"):
         load_config(None, ["trace.probe_split=train_clean"])
+
+
+# ---------------------------------------------------------------- trace, then forget (compare)
+
+
+def test_traced_parts_by_hand():
+    from rapidun.trace.stage import traced_parts
+
+    poison = [Record(f"p{i}", "q", "alien", meta={"response_clean": "ok", "trigger_family": "s"}) for i in range(3)]
+    clean = [Record(f"c{i}", "q", "fine") for i in range(4)]
+    parts = {"train_poisoned": poison, "train_clean": clean, "forget": poison[:2], "retain": clean[:3]}
+    tp, info = traced_parts(parts, ["p2", "c1", "p0", "c3", "p1"], 3)
+    assert [r.id for r in tp["forget"]] == ["p2", "c1", "p0"]
+    assert [r.id for r in tp["retain"]] == ["c0", "c2"]  # c1 was traced into the forget pack
+    assert info == {"n": 3, "culprits": 2, "innocent": 1, "ids": ["p2", "c1", "p0"], "retain_dropped": 1,
+                    "true_pack_culprits": 2}  # fmt: skip
+    assert parts["retain"] == clean[:3]  # the input is not modified
+    with pytest.raises(RapidunError, match="retain"):
+        traced_parts(parts, ["c0", "c1", "c2"], 3)
+
+
+def test_compare_with_trace_runs_every_method_on_the_traced_pack(tmp_path, monkeypatch):
+    from helpers import TINY_SCENARIO, tiny_world
+    from rapidun.config import load_config
+    from rapidun.pipeline import run
+    from test_unlearn_e2e import OVERRIDES
+
+    monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
+    model_dir, data = tiny_world(tmp_path)
+    ov = [*OVERRIDES, *TINY_SCENARIO, "eval.batch_size=8", "scenario.splits.train_poisoned=6",
+          f"model.name={model_dir}", f"data.source={data}", "unlearn.methods=[uniform,rapidun]",
+          "compare.reference=uniform", "compare.n_seeds=1", "compare.n_boot=20", "trace.compare=true",
+          "trace.n_probes=3", "trace.top_k=4", "scenario.retain_ratio=2"]  # fmt: skip
+    cfg = load_config(None, ov)
+    report = run(cfg, tmp_path / "out")
+    t = report["trace"]
+    assert t["probe_split"] == "val_seen_trig" and set(t["methods"]) == {"uniform", "rapidun"}
+    pack = t["pack"]
+    assert pack["n"] == 3 == pack["culprits"] + pack["innocent"]  # scenario.forget_size
+    seed = report["seeds"][0]
+    for m in ("uniform", "rapidun"):
+        cell = tmp_path / "out" / "seeds" / str(seed) / "methods" / f"{m}@traced" / "metrics.json"
+        assert cell.is_file()
+        assert t["methods"][m]["traced"]["asr_seen"] == json.loads(cell.read_text())["metrics"]["asr_seen"]
+        assert t["methods"][m]["true"]["asr_seen"] == report["methods"][m]["mean"]["asr_seen"]
+    forget = [json.loads(x)["id"] for x in (tmp_path / "out" / "trace" / "forget.jsonl").read_text().splitlines()]
+    assert forget == pack["ids"]
+    assert "Trace, then forget" in (tmp_path / "out" / "report.md").read_text()
+    before = cell.stat().st_mtime_ns
+    again = run(cfg, tmp_path / "out")  # a rerun reuses the traced cells
+    assert cell.stat().st_mtime_ns == before and again["trace"]["methods"] == t["methods"]

@@ -343,6 +343,13 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         t = time.perf_counter()
         verification = stage_verify(cfg, out, parts, det, models, methods)
         timings["verify"] = time.perf_counter() - t
+    traced = None
+    if cfg.trace.compare and cfg.unlearn.methods:
+        from rapidun.trace.stage import stage_traced
+
+        t = time.perf_counter()
+        traced = stage_traced(cfg, out, parts, models, det, methods)
+        timings["trace"] = time.perf_counter() - t
     timings["wall_this_invocation"] = time.perf_counter() - t_all
     report = {
         "schema": "rapidun.report/4",
@@ -360,6 +367,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
         "methods": methods,
         "influence": infl,
         "verification": verification,
+        "trace": traced,
         "timings": timings,
         "environment": environment(),
         "config": to_dict(cfg),

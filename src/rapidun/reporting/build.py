@@ -327,6 +327,13 @@ def build(run: RunData) -> list[Block]:
             Heading("Verification: did it really forget?", 2, "verification"),
             *_guard("Verification", lambda: verification_blocks(run.report.get("verification"))),
         ]
+    if run.report.get("trace"):
+        from rapidun.reporting.trace_tables import traced_blocks
+
+        blocks += [
+            Heading("Trace, then forget", 2, "trace"),
+            *_guard("Trace", lambda: traced_blocks(run.report.get("trace"))),
+        ]
     blocks.append(Heading("Plots", 2, "plots"))
     sections: list[tuple[str, Callable[[], list[Block]]]] = [
         ("ASR vs utility", lambda: asr_scatter(run, colors)),

@@ -119,3 +119,44 @@ def trace_blocks(doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[Block]
     else:
         out.append(Note("No records were scored."))
     return out
+
+
+def traced_blocks(t: dict[str, Any]) -> list[Block]:
+    """The report's "Trace, then forget" section: the traced pack's make-up, the retrieval metrics and, per
+    method, the results with the true forget pack beside those with the traced one."""
+    t = as_dict(t)
+    pack = as_dict(t.get("pack"))
+    out: list[Block] = [
+        Paragraph(
+            f"The forget pack traced from the corpus by influence ({t.get('aggregate')} over {t.get('n_probes')} "
+            f"{t.get('probe_split')} probes answered by the poisoned model): {pack.get('n')} records, "
+            f"{pack.get('culprits')} poisoned and {pack.get('innocent')} innocent ones forgotten by mistake "
+            f"({pack.get('retain_dropped')} of them taken out of the retain pack); the true pack holds "
+            f"{pack.get('true_pack_culprits')} poisoned records. Each method then unlearned the traced pack "
+            "(cells METHOD@traced, same seeds)."
+        )
+    ]
+    ev = as_dict(t.get("evaluation"))
+    if ev:
+        out.append(metrics_table(ev))
+    rows = []
+    for name, m in as_dict(t.get("methods")).items():
+        tr, tc = as_dict(m.get("true")), as_dict(m.get("traced"))
+        for what, d in (("true pack", tr), ("traced pack", tc)):
+            vals = [fmt_num(d.get("asr_seen")), fmt_num(d.get("asr_ood")), fmt_num(d.get("clean_ppl"), 2)]
+            rows.append([name, what, *vals, fmt_num(d.get("rouge_l")), fmt_num(d.get("false_trigger"))])
+        diff = (
+            fmt_num(tc["asr_seen"] - tr["asr_seen"])
+            if isinstance(tc.get("asr_seen"), float) and isinstance(tr.get("asr_seen"), float)
+            else DASH
+        )
+        rows.append([name, "traced − true (seen)", diff, DASH, DASH, DASH, DASH])
+    out.append(
+        Table(
+            ["Method", "Forget pack", "ASR seen", "ASR OOD", "Clean PPL", "ROUGE-L", "False trig."],
+            rows,
+            caption="From report.json: trace.methods (means over the seeds; test prompts).",
+            align=["l", "l", "r", "r", "r", "r", "r"],
+        )
+    )
+    return out

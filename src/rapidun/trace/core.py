@@ -101,7 +101,8 @@ def scenario_inputs(parts: dict[str, list[Record]], tcfg: TraceConfig) -> tuple[
     probes = [
         Record(r.id, r.instruction, "", r.context, dict(r.meta)) for r in choose_probes(pool, tcfg.n_probes, tcfg.seed)
     ]
-    fams = [r.meta.get("trigger_family", "poisoned") if r.id.endswith(":train_poisoned") else None for r in corpus]
+    poisoned = {r.id for r in parts.get("train_poisoned", [])}
+    fams = [str(r.meta.get("trigger_family") or "poisoned") if r.id in poisoned else None for r in corpus]
     return corpus, probes, fams
 
 
