@@ -369,12 +369,13 @@ class SketchCache:
             out[dest] = self._read_shard(si)[rows].to(dtype)  # (len(rows), K)
         return out
 
-    def _read_shard(self, si: int) -> torch.Tensor:
-        """The ``(n_shard, K)`` float16 sketches of shard ``si``, checked against the manifest."""
+    def _read_shard(self, si: int, mmap: bool = False) -> torch.Tensor:
+        """The ``(n_shard, K)`` float16 sketches of shard ``si``, checked against the manifest (``mmap``: mapped from
+        the file instead of read into memory: no copy, for a caller that converts the rows anyway)."""
         entry = self._shards[si]
         path = self.folder / entry["file"]
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             raise RapidunError(f"cannot read sketch shard {path}: {e}; delete the cache folder") from e
         ok = isinstance(blob, dict) and blob.get("ids") == entry["ids"] and isinstance(blob.get("sketch"), torch.Tensor)
@@ -416,4 +417,6 @@ class SketchCache:
             dest.append(pos)
             rows.append(row)
         for si, (dest, rows) in sorted(by_shard.items()):
-            yield dest, self._read_shard(si)[rows].to(dtype)  # (len(rows), K)
+            sk = self._read_shard(si, mmap=True)  # (n_shard, K) fp16, mapped
+            whole = rows == list(range(sk.shape[0]))  # the usual case: skip the gather copy
+            yield dest, (sk if whole else sk[rows]).to(dtype, copy=True)  # (len(rows), K)
