@@ -381,7 +381,7 @@ def test_trace_on_a_scenario_reports_metrics_and_baselines(tmp_path, monkeypatch
     out = tmp_path / "trace"
     argv = ["trace", "--out", str(out), "--scenario", str(tmp_path / "run" / "scenario"), "--model-path",
             str(model_dir), "--to-forget", "auto", *ov, "model.max_length=32", "model.max_prompt_tokens=16",
-            "influence.lora_r=2", "influence.K=32", "trace.n_probes=3", "trace.top_k=4", "scenario.retain_ratio=2"]  # fmt: skip
+            "influence.lora_r=2", "influence.K=32", "trace.n_probes=3", "trace.top_k=4"]  # fmt: skip
     assert cli.main(argv) == 0
     doc = json.loads((out / "trace.json").read_text())
     assert (doc["forget"]["file"] is not None) == (doc["forget"]["n"] > 0)  # a random tiny model may show no outlier
