@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rapidun import cli
-from rapidun.config import CHECKS, RunConfig, _type_of, load_config, validate
+from rapidun.config import RunConfig, _type_of, load_config
+from rapidun.config_checks import CHECKS, validate
 from rapidun.errors import RapidunError
 from rapidun.pipeline import mark_complete, prepare_out
 
