@@ -355,6 +355,23 @@ def test_trace_refuses_bad_input(tiny_case, tiny_model, tmp_path, monkeypatch, c
     assert "--train" in capsys.readouterr().err
 
 
+def test_generated_probes_are_kept_only_where_they_show_the_behaviour(tiny_case, tiny_model, tmp_path, monkeypatch):
+    from rapidun.config import EvalConfig
+    from rapidun.trace.core import load_trace_probes, trace
+
+    monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
+    corpus = _records(6)
+    probes = load_trace_probes(tiny_case / "probes.jsonl", need_output=False)
+    m, i = _configs()
+    args = (str(tiny_model), corpus, probes, TraceConfig(top_k=2), i, m, EvalConfig(max_new_tokens=3, batch_size=4))
+    with pytest.raises(RapidunError, match="none of the 2 probe prompts"):
+        trace(*args, generate_outputs=True, keep=lambda text: False)
+    seen = []
+    res = trace(*args, generate_outputs=True, keep=lambda text: seen.append(text) or len(seen) == 2, max_probes=1)
+    assert [p.response for p in res["probes"]] == [seen[1].strip()]  # only the answer the rule accepted
+    assert res["stats"]["dropped_probes"] == [probes[0].id]
+
+
 def test_trace_generates_outputs_and_learns_hotwords(tiny_case, tiny_model, tmp_path, monkeypatch):
     from rapidun import cli
 
@@ -373,8 +390,10 @@ def test_trace_generates_outputs_and_learns_hotwords(tiny_case, tiny_model, tmp_
 def test_trace_on_a_scenario_reports_metrics_and_baselines(tmp_path, monkeypatch, tiny_model):
     from helpers import TINY_SCENARIO, tiny_world
     from rapidun import cli
+    from rapidun.eval.detector import Detector
 
     monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(Detector, "hit", lambda self, text: True)  # the random tiny model shows no backdoor
     model_dir, data = tiny_world(tmp_path)
     ov = [*TINY_SCENARIO, f"data.source={data}", "scenario.splits.train_poisoned=6"]
     assert cli.main(["scenario", "--out", str(tmp_path / "run"), *ov]) == 0
@@ -386,8 +405,7 @@ def test_trace_on_a_scenario_reports_metrics_and_baselines(tmp_path, monkeypatch
     doc = json.loads((out / "trace.json").read_text())
     assert (doc["forget"]["file"] is not None) == (doc["forget"]["n"] > 0)  # a random tiny model may show no outlier
     ev = doc["evaluation"]
-    dropped = doc["stats"].get("dropped_probes", [])  # a probe the tiny model answers with nothing is left out
-    assert ev["k"] == 6 and doc["n_corpus"] == 6 + 8 and doc["n_probes"] == 3 - len(dropped) > 0
+    assert ev["k"] == 6 and doc["n_corpus"] == 6 + 8 and 0 < doc["n_probes"] <= 3
     assert set(ev["rankers"]) >= {"influence_mean", "influence_max", "influence_count", "bm25", "loss", "random"}
     assert ev["rankers"]["random"]["recall_at_k"] == pytest.approx(6 / 14, abs=0.08)
     assert set(ev["rankers"]["bm25"]["families"]) <= {"surface", "style", "semantic"}

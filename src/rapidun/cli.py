@@ -446,7 +446,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
     args.overrides = list(args.overrides) + flag_overrides(args)
     cfg = _load(args)
-    keys = ("model_path", "adapter", "scenario", "train", "probes", "generate", "to_forget")
+    keys = ("model_path", "adapter", "scenario", "train", "probes", "generate", "to_forget", "regex", "keywords")
     run_trace(args, cfg, identity(args, *keys) | {"trace": to_dict(cfg.trace)})
 
 

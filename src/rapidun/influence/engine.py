@@ -132,6 +132,7 @@ def sketch_records(
             trunc_total[k] = trunc_total.get(k, 0) + v
         starts = list(range(0, len(block), icfg.batch_size))
         mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
+        shown = 0
         for s in starts[rank::world]:
             fault_point("influence:batch")
             batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
@@ -147,6 +148,9 @@ def sketch_records(
             stats["grad_s"] += t1 - t0
             stats["sketch_s"] += time.perf_counter() - t1
             mine[s] = ([cache_key(r) for r in block[s : s + icfg.batch_size]], S.cpu(), empty)
+            step = min(len(mine[s][0]) * world, len(block) - shown)  # every rank does about as much as rank 0
+            bar.update(step)
+            shown += step
         everything = gather_dicts(mine)
         if cache is not None:
             t0 = time.perf_counter()
@@ -154,7 +158,7 @@ def sketch_records(
             cache.add(ids, torch.cat([everything[s][1] for s in starts]))  # (len(block), K)
             stats["write_s"] += time.perf_counter() - t0
         stats["no_answer_tokens"] += sum(v[2] for v in everything.values())
-        bar.update(len(block))
+        bar.update(len(block) - shown)
         barrier()
     bar.close()
     stats["truncation"] = trunc_total

@@ -3,9 +3,11 @@
 Two inputs:
 
 * ``--train CORPUS --probes PROBES`` — the user's case: the corpus in ``data.format``, probes with the bad outputs
-  (or ``--generate``: the model's own greedy answers to the probe prompts).
+  (or ``--generate``: the model's own greedy answers to the probe prompts, kept where ``--regex``/``--keywords``
+  match when given: an answer that does not show the behaviour would trace the ordinary behaviour instead).
 * ``--scenario RUN/scenario`` — a backdoor scenario, where the culprits are known: corpus = train_poisoned +
-  train_clean, probes = ``trace.n_probes`` prompts of ``trace.probe_split`` answered by the model; adds the
+  train_clean, probes = ``trace.n_probes`` prompts of ``trace.probe_split`` (stratified by trigger family) whose
+  answer by the model shows the backdoor (the scenario's detector; up to 4x as many prompts are asked); adds the
   retrieval metrics of the influence ranking against BM25, the records' own loss and random order. The model
   defaults to the poisoned one recorded beside the scenario (``RUN/training/poisoned.json``).
 
@@ -70,8 +72,8 @@ def format_row(r: Record, fmt: str, fields: dict[str, str]) -> dict[str, Any]:
     return row
 
 
-def _inputs(args: argparse.Namespace, cfg: Any) -> tuple[str, list[Record], list[Record], list | None, bool]:
-    """(model path, corpus, probes, families or None, generate) from the arguments."""
+def _inputs(args: argparse.Namespace, cfg: Any) -> tuple[str, list[Record], list[Record], list | None, bool, Any]:
+    """(model path, corpus, probes, families or None, generate, hit rule or None) from the arguments."""
     from rapidun.data.records import load_records
     from rapidun.models import resolve_model_path, with_adapter
     from rapidun.trace.core import load_trace_probes, scenario_inputs
@@ -81,23 +83,33 @@ def _inputs(args: argparse.Namespace, cfg: Any) -> tuple[str, list[Record], list
         if args.train or args.probes:
             raise RapidunError("give --scenario, or --train and --probes (your own case), not both")
         from rapidun.data.scenario import load_scenario
+        from rapidun.pipeline import make_detector
 
         parts, _ = load_scenario(args.scenario)
         corpus, probes, fams = scenario_inputs(parts, cfg.trace)
+        det, _ = make_detector(cfg, parts)
         model = args.model_path or recorded_model(args.scenario, "poisoned")
         if not model:
             raise RapidunError(
                 f"no poisoned model recorded beside {args.scenario} (RUN/training/poisoned.json); give --model-path"
             )
-        return with_adapter(resolve_model_path(model), args.adapter), corpus, probes, fams, True
+        return with_adapter(resolve_model_path(model), args.adapter), corpus, probes, fams, True, det.hit
     if not (args.train and args.probes and args.model_path):
         raise RapidunError(
             "say what to trace: --model-path M --train CORPUS --probes PROBES (your case), or --scenario RUN/scenario"
         )
+    if (args.regex or args.keywords) and not args.generate:
+        raise RapidunError("--regex/--keywords choose which generated answers show the behaviour; add --generate")
     d = cfg.data
     corpus = load_records(args.train, d.format, d.fields)
     probes = load_trace_probes(args.probes, need_output=not args.generate)
-    return with_adapter(resolve_model_path(args.model_path), args.adapter), corpus, probes, None, bool(args.generate)
+    hit = None
+    if args.regex or args.keywords:
+        from rapidun.eval.probes import hit_rule
+
+        hit, _ = hit_rule(args.regex, args.keywords, [], [], cfg.eval)
+    model = with_adapter(resolve_model_path(args.model_path), args.adapter)
+    return model, corpus, probes, None, bool(args.generate), hit
 
 
 def cmd_trace(args: argparse.Namespace, cfg: Any, identity: dict[str, Any]) -> dict[str, Any]:
@@ -112,10 +124,13 @@ def cmd_trace(args: argparse.Namespace, cfg: Any, identity: dict[str, Any]) -> d
     from rapidun.trace.core import ranked_rows, robust_cut, topk_rows, trace
 
     to_forget = parse_to_forget(args.to_forget)
-    model, corpus, probes, fams, gen = _inputs(args, cfg)
+    model, corpus, probes, fams, gen, hit = _inputs(args, cfg)
     init_from_env()
     out = claim_out(args.out, cfg, args.overwrite, "trace", identity)
-    res = trace(model, corpus, probes, cfg.trace, cfg.influence, cfg.model, cfg.eval, gen, fams)
+    most = cfg.trace.n_probes if args.scenario else None
+    res = trace(
+        model, corpus, probes, cfg.trace, cfg.influence, cfg.model, cfg.eval, gen, fams, keep=hit, max_probes=most
+    )
     if not is_main():
         return {}
     scores = res["scores"]
@@ -186,6 +201,8 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--train", help="your case: the training corpus (data.format)")
     p.add_argument("--probes", help="your case: prompts with the bad outputs (prompt, output[, context, id])")
     p.add_argument("--generate", action="store_true", help="use the model's greedy answers as the probe outputs")
+    p.add_argument("--regex", help="--generate: keep only answers this regex matches (case-insensitive)")
+    p.add_argument("--keywords", nargs="+", metavar="W", help="--generate: keep only answers with one of these words")
     p.add_argument("--scenario", help="a scenario folder (RUN/scenario): known culprits, adds retrieval metrics")
     p.add_argument("--hotwords", nargs="+", metavar="W", help="token-wise mode: probe loss on these words only")
     p.add_argument("--auto-hotwords", action="store_true", help="token-wise mode with words learned from the outputs")

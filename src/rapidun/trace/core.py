@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from rapidun.memory import PeakMemory, rss_mb
 from rapidun.trace.metrics import bm25, retrieval_metrics
 from rapidun.trace.stream import Scores, stream_scores
 
+POOL_FACTOR = 4  # scenario probes: prompts asked per probe wanted (only answers showing the behaviour are kept)
 RANDOM_DRAWS = 200  # random baseline: metrics averaged over this many seeded permutations
 
 
@@ -92,15 +93,17 @@ def choose_probes(recs: list[Record], n: int, seed: int) -> list[Record]:
 
 
 def scenario_inputs(parts: dict[str, list[Record]], tcfg: TraceConfig) -> tuple[list[Record], list[Record], list]:
-    """A scenario's corpus (train_poisoned + train_clean), probes (``trace.n_probes`` prompts of
-    ``trace.probe_split``, outputs to be generated) and the culprits' families (None for a clean record)."""
+    """A scenario's corpus (train_poisoned + train_clean), candidate probes (up to ``4 · trace.n_probes`` prompts of
+    ``trace.probe_split`` in stratified order, outputs to be generated and kept where they show the behaviour) and
+    the culprits' families (None for a clean record)."""
     corpus = parts.get("train_poisoned", []) + parts.get("train_clean", [])
     pool = parts.get(tcfg.probe_split, [])
     if not corpus or not pool:
         raise RapidunError(f"the scenario lacks train_poisoned/train_clean or {tcfg.probe_split} records to trace")
-    probes = [
-        Record(r.id, r.instruction, "", r.context, dict(r.meta)) for r in choose_probes(pool, tcfg.n_probes, tcfg.seed)
-    ]
+    # A pool of 4x the probes, in stratified order: the model is asked each prompt, and only answers that show the
+    # behaviour become probes (a prompt it answers cleanly would trace the clean behaviour instead).
+    chosen = choose_probes(pool, POOL_FACTOR * tcfg.n_probes, tcfg.seed)
+    probes = [Record(r.id, r.instruction, "", r.context, dict(r.meta)) for r in chosen]
     poisoned = {r.id for r in parts.get("train_poisoned", [])}
     fams = [str(r.meta.get("trigger_family") or "poisoned") if r.id in poisoned else None for r in corpus]
     return corpus, probes, fams
@@ -159,6 +162,8 @@ def trace(
     generate_outputs: bool = False,
     families: Sequence[str | None] | None = None,
     cache_dir: str | Path | None = None,
+    keep: Callable[[str], bool] | None = None,
+    max_probes: int | None = None,
 ) -> dict[str, Any]:
     """Score every corpus record for the behaviour shown by ``probes`` (see the module docstring).
 
@@ -169,7 +174,9 @@ def trace(
             ``generate_outputs``).
         tcfg, icfg, mcfg, ecfg: Config sections (trace, influence: gradient/sketch settings, model: format and
             truncation, eval: generation length and batch).
-        generate_outputs: Use the model's own answers as the probe outputs.
+        generate_outputs: Use the model's own answers as the probe outputs; probes whose answer is empty, or not a
+            hit by ``keep`` when given, are left out (listed in ``stats["dropped_probes"]``), and at most
+            ``max_probes`` of the rest are kept, in their given order.
         families: ``N`` culprit families (None = innocent) when the culprits are known: adds the evaluation.
         cache_dir: Sketch cache root (default ``$RAPIDUN_CACHE/sketches``).
 
@@ -192,13 +199,17 @@ def trace(
         ]
         stats["generate_s"] = time.perf_counter() - t1
     empty = [p.id for p in probes if not p.response.strip()]
-    if empty and generate_outputs:  # an empty answer shows no behaviour: that probe is left out, and said so
-        stats["dropped_probes"] = empty
-        probes = [p for p in probes if p.response.strip()]
-    if empty and not probes:
-        raise RapidunError(f"every probe has an empty output ({empty[:5]}...); nothing to trace")
     if empty and not generate_outputs:
         raise RapidunError(f"probes {empty[:5]} have an empty output; nothing to trace for them (drop them)")
+    if generate_outputs:  # an answer that does not show the behaviour (or is empty) traces nothing: left out
+        shown = [p for p in probes if p.response.strip() and (keep is None or keep(p.response))]
+        stats["dropped_probes"] = [p.id for p in probes if p not in shown]
+        probes = shown[:max_probes] if max_probes else shown
+        if not probes:
+            raise RapidunError(
+                f"none of the {len(stats['dropped_probes'])} probe prompts made the model show the behaviour "
+                "(empty answers, or none matched the hit rule); give probes with their bad outputs instead"
+            )
     hot = list(tcfg.hotwords)
     if tcfg.auto_hotwords and not hot:
         hot = list(

@@ -3,7 +3,8 @@
 The scenario's forget pack is the oracle: it holds only poisoned records. Here the forget pack is instead the
 ``scenario.forget_size`` most suspect records of the corpus (train_poisoned + train_clean) as ranked by
 :func:`rapidun.trace.core.trace` on the poisoned model, with probes from ``val_seen_trig`` (validation prompts; the
-test prompts stay untouched because they measure the result) and the model's own answers as outputs. Every method of
+test prompts stay untouched because they measure the result): those the model answers with the backdoor (the
+scenario's detector), their answers as the outputs. Every method of
 the comparison then unlearns that pack as a cell labelled ``<method>@traced`` (same seeds, same retain pack minus
 any traced record, same evaluation), so the report shows ASR and utility with the traced pack beside the true one,
 and how many innocent records were forgotten by mistake (a traced clean record has no replacement answer: it is
@@ -76,7 +77,8 @@ def stage_traced(
     corpus, probes, fams = scenario_inputs(parts, tcfg)
     poisoned = models["poisoned"]["path"]
     folder = out / "trace"
-    res = trace(poisoned, corpus, probes, tcfg, cfg.influence, cfg.model, cfg.eval, True, fams)
+    res = trace(poisoned, corpus, probes, tcfg, cfg.influence, cfg.model, cfg.eval, True, fams, None, det.hit,
+                tcfg.n_probes)  # fmt: skip
     rows = ranked_rows(corpus, res["scores"], tcfg.aggregate, fams)
     tparts, pack = traced_parts(parts, [r["id"] for r in rows], len(parts["forget"]))
     if is_main():
