@@ -416,7 +416,7 @@ def test_trace_on_a_scenario_reports_metrics_and_baselines(tmp_path, monkeypatch
 def test_trace_config_is_checked():
     from rapidun.config import load_config
 
-    assert TraceConfig().aggregate == "mean"
+    assert TraceConfig().aggregate == "max"
     with pytest.raises(RapidunError, match=r"trace\.aggregate"):
         load_config(None, ["trace.aggregate=sum"])
     with pytest.raises(RapidunError, match=r"trace\.probe_split"):
