@@ -235,13 +235,14 @@ def ensure_pad_token(tok: Any) -> Any:
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, dict]:
     """Load (model, tokenizer, info) with the device/dtype rules above; ``info`` is recorded in reports."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    with quiet_imports():  # transformers' modeling imports torchao when installed (its kernel-library noise muted)
+        from transformers import AutoModelForCausalLM
+
+        tok = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     if model.get_input_embeddings().weight.shape[0] < len(tok):
         model.resize_token_embeddings(len(tok))
     model.to(dev)
