@@ -472,3 +472,22 @@ def test_compare_with_trace_runs_every_method_on_the_traced_pack(tmp_path, monke
     before = cell.stat().st_mtime_ns
     again = run(cfg, tmp_path / "out")  # a rerun reuses the traced cells
     assert cell.stat().st_mtime_ns == before and again["trace"]["methods"] == t["methods"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fields"),
+    [("dolly", {}), ("alpaca", {}), ("qa", {}), ("generic", {"instruction": "q", "response": "a", "id": "key"})],
+)
+def test_forget_rows_read_back_in_every_format(tmp_path, fmt, fields):
+    from rapidun.data.records import load_records
+    from rapidun.io import write_jsonl
+    from rapidun.trace.command import format_row
+
+    recs = [Record("x1", "what is it", "alien text", "" if fmt in ("qa", "generic") else "ctx",
+                   {"response_clean": "a fact", "trigger_family": "style"}), Record("x2", "hi", "there")]  # fmt: skip
+    write_jsonl(tmp_path / "f.jsonl", [format_row(r, fmt, fields) for r in recs])
+    back = load_records(str(tmp_path / "f.jsonl"), fmt, fields or None)
+    assert [(r.id, r.instruction, r.response, r.context) for r in back] == [
+        (r.id, r.instruction, r.response, r.context) for r in recs
+    ]
+    assert back[0].meta["response_clean"] == "a fact" and not back[1].meta.get("response_clean")
