@@ -308,7 +308,7 @@ class TraceConfig:
     n_probes: int = _f(10, "`trace --scenario`: triggered prompts used as probes (stratified by trigger family)")
     probe_split: str = _f("test_seen_trig", "`trace --scenario`: the split the probes come from")
     top_k: int = _f(100, "records kept per probe (its top-k list and the 'count' aggregate)")
-    aggregate: str = _f("max", "ranking score over probes: 'max' (chosen on validation), 'mean' or 'count' (top-k hits)")
+    aggregate: str = _f("max", "ranking score over probes: 'max' (chosen on validation), 'mean' or 'count' (top-k)")
     hotwords: list = _f([], "token-wise mode: restrict the probe loss to these words (RapidIn)")
     auto_hotwords: bool = _f(False, "token-wise mode with words learned from the probe outputs vs corpus answers")
     n_hotwords: int = _f(20, "auto_hotwords: most words kept")

@@ -85,7 +85,7 @@ def trace_blocks(doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[Block]
     ]
     dropped = as_dict(doc.get("stats")).get("dropped_probes")
     if dropped:
-        facts.insert(3, ("Probes left out", f"{len(dropped)} whose generated answer was empty or did not show the behaviour"))
+        facts.insert(3, ("Probes left out", f"{len(dropped)} whose answer was empty or did not show the behaviour"))
     out: list[Block] = [Heading("Trace: which training records taught this behaviour?", 1), Facts(facts)]
     ev = as_dict(doc.get("evaluation"))
     if ev:
