@@ -124,43 +124,45 @@ def sketch_records(
         return stats
     per_block = icfg.batch_size * world * max(1, -(-BLOCK_RECORDS // (icfg.batch_size * world)))
     bar = tqdm(total=len(recs), desc=desc, unit="sample", mininterval=2.0, disable=rank != 0)
-    trunc_total: dict[str, int] = {}
-    for b0 in range(0, len(recs), per_block):
-        block = recs[b0 : b0 + per_block]
-        enc, trunc = encode_records(tok, block, mcfg)
-        for k, v in trunc.items():
-            trunc_total[k] = trunc_total.get(k, 0) + v
-        starts = list(range(0, len(block), icfg.batch_size))
-        mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
-        shown = 0
-        for s in starts[rank::world]:
-            fault_point("influence:batch")
-            batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
-            if hot is not None:
-                batch.labels = restrict_labels(batch.labels, hot)
-            empty = int((~has_answer(batch.labels)).sum())
-            t0 = time.perf_counter()
-            G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
-            t1 = time.perf_counter()
-            S = proj.project(G)  # (B, K)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            stats["grad_s"] += t1 - t0
-            stats["sketch_s"] += time.perf_counter() - t1
-            mine[s] = ([cache_key(r) for r in block[s : s + icfg.batch_size]], S.cpu(), empty)
-            step = min(len(mine[s][0]) * world, len(block) - shown)  # every rank does about as much as rank 0
-            bar.update(step)
-            shown += step
-        everything = gather_dicts(mine)
-        if cache is not None:
-            t0 = time.perf_counter()
-            ids = [i for s in starts for i in everything[s][0]]
-            cache.add(ids, torch.cat([everything[s][1] for s in starts]))  # (len(block), K)
-            stats["write_s"] += time.perf_counter() - t0
-        stats["no_answer_tokens"] += sum(v[2] for v in everything.values())
-        bar.update(len(block) - shown)
-        barrier()
-    bar.close()
+    try:  # the bar is closed (its line ended) even when a write fails, so an error message starts a line
+        trunc_total: dict[str, int] = {}
+        for b0 in range(0, len(recs), per_block):
+            block = recs[b0 : b0 + per_block]
+            enc, trunc = encode_records(tok, block, mcfg)
+            for k, v in trunc.items():
+                trunc_total[k] = trunc_total.get(k, 0) + v
+            starts = list(range(0, len(block), icfg.batch_size))
+            mine: dict[int, tuple[list[str], torch.Tensor, int]] = {}
+            shown = 0
+            for s in starts[rank::world]:
+                fault_point("influence:batch")
+                batch = collate(enc[s : s + icfg.batch_size], tok.pad_token_id).to(device)
+                if hot is not None:
+                    batch.labels = restrict_labels(batch.labels, hot)
+                empty = int((~has_answer(batch.labels)).sum())
+                t0 = time.perf_counter()
+                G = per_sample_grads(model, batch, pset, normalize=icfg.normalize)  # (B, D)
+                t1 = time.perf_counter()
+                S = proj.project(G)  # (B, K)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stats["grad_s"] += t1 - t0
+                stats["sketch_s"] += time.perf_counter() - t1
+                mine[s] = ([cache_key(r) for r in block[s : s + icfg.batch_size]], S.cpu(), empty)
+                step = min(len(mine[s][0]) * world, len(block) - shown)  # every rank does about as much as rank 0
+                bar.update(step)
+                shown += step
+            everything = gather_dicts(mine)
+            if cache is not None:
+                t0 = time.perf_counter()
+                ids = [i for s in starts for i in everything[s][0]]
+                cache.add(ids, torch.cat([everything[s][1] for s in starts]))  # (len(block), K)
+                stats["write_s"] += time.perf_counter() - t0
+            stats["no_answer_tokens"] += sum(v[2] for v in everything.values())
+            bar.update(len(block) - shown)
+            barrier()
+    finally:
+        bar.close()
     stats["truncation"] = trunc_total
     return stats
 
