@@ -40,8 +40,9 @@ def sketch_rate(n: int, max_length: int, K: int, batch: int) -> dict:
     recs = load_records("dolly-sample", limit=n)
     proj = RapidGrad(pset.dim, K, icfg.seed, icfg.rounds)
     with tempfile.TemporaryDirectory() as d:
-        cache = open_cache(cache_meta("default", mcfg, icfg, pset, []), Path(d) / "c")
-        sketch_records(model, tok, pset, proj, None, recs[:batch], mcfg, icfg)  # warm-up, not cached
+        meta = cache_meta("default", mcfg, icfg, pset, [])
+        sketch_records(model, tok, pset, proj, open_cache(meta, Path(d) / "w"), recs[:batch], mcfg, icfg)  # warm-up
+        cache = open_cache(meta, Path(d) / "c")
         t0 = time.perf_counter()
         st = sketch_records(model, tok, pset, proj, cache, recs, mcfg, icfg)
         wall = time.perf_counter() - t0
