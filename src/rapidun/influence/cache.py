@@ -353,20 +353,9 @@ class SketchCache:
                 hold the ids the manifest says it does.
         """
         ids = list(ids)
-        unknown = [i for i in ids if i not in self._index]
-        if unknown:
-            raise RapidunError(
-                f"sketch cache {self.folder} has no sketch for {len(unknown)} id(s): {_show_ids(unknown)}"
-            )
         out = torch.empty(len(ids), self.K, dtype=dtype)  # (n, K)
-        by_shard: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (positions in out, rows in shard)
-        for pos, i in enumerate(ids):
-            si, row = self._index[i]
-            dest, rows = by_shard.setdefault(si, ([], []))
-            dest.append(pos)
-            rows.append(row)
-        for si, (dest, rows) in sorted(by_shard.items()):
-            out[dest] = self._read_shard(si)[rows].to(dtype)  # (len(rows), K)
+        for dest, rows in self.iter_rows(ids, dtype):  # each needed shard read once
+            out[dest] = rows  # (len(dest), K)
         return out
 
     def _read_shard(self, si: int, mmap: bool = False) -> torch.Tensor:
@@ -405,18 +394,30 @@ class SketchCache:
             RapidunError: An id is not cached, or a shard does not match the manifest.
         """
         ids = list(ids)
+        for si, (dest, rows) in sorted(self._by_shard(ids).items()):
+            sk = self._read_shard(si, mmap=True)  # (n_shard, K) fp16, mapped
+            whole = rows == list(range(sk.shape[0]))  # the usual case: skip the gather copy
+            yield dest, (sk if whole else sk[rows]).to(dtype, copy=True)  # (len(rows), K)
+
+    def _by_shard(self, ids: list[str]) -> dict[int, tuple[list[int], list[int]]]:
+        """``shard -> (positions in ids, rows in the shard)`` for cached ``ids``.
+
+        Raises:
+            RapidunError: An id is not cached (the message names the first few).
+        """
         unknown = [i for i in ids if i not in self._index]
         if unknown:
             raise RapidunError(
                 f"sketch cache {self.folder} has no sketch for {len(unknown)} id(s): {_show_ids(unknown)}"
             )
-        by_shard: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (positions in ids, rows in shard)
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
         for pos, i in enumerate(ids):
             si, row = self._index[i]
             dest, rows = by_shard.setdefault(si, ([], []))
             dest.append(pos)
             rows.append(row)
-        for si, (dest, rows) in sorted(by_shard.items()):
-            sk = self._read_shard(si, mmap=True)  # (n_shard, K) fp16, mapped
-            whole = rows == list(range(sk.shape[0]))  # the usual case: skip the gather copy
-            yield dest, (sk if whole else sk[rows]).to(dtype, copy=True)  # (len(rows), K)
+        return by_shard
+
+    def shard_count(self, ids: Sequence[str]) -> int:
+        """How many shard files hold ``ids`` (what a streamed pass over them reads)."""
+        return len(self._by_shard(list(ids)))

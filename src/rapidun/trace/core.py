@@ -250,7 +250,7 @@ def trace(
             "peak_mb": mem.peak_mb,
             "peak_kind": mem.kind,
             "start_mb": before,
-            "shards": len({corpus_cache._index[cache_key(r)][0] for r in corpus}),
+            "shards": corpus_cache.shard_count([cache_key(r) for r in corpus]),
         }
         if families is not None:
             evaluation = evaluate(scores, families, tcfg, model, tok, corpus, probes, mcfg)
