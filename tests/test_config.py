@@ -117,6 +117,19 @@ def test_missing_file_and_invalid_yaml(tmp_path):
         load_config(bad)
 
 
+def test_config_by_shipped_name(tmp_path, monkeypatch):
+    by_name = load_config("demo")
+    by_path = load_config(ROOT / "src" / "rapidun" / "configs" / "demo.yaml")
+    assert by_name == by_path
+    assert by_name.unlearn.lr != RunConfig().unlearn.lr  # the demo's CPU settings, not SPEC's defaults
+    # a file of that name in the working directory wins over the shipped config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("sft:\n  epochs: 7\n", encoding="utf-8")
+    assert load_config("demo").sft.epochs == 7
+    with pytest.raises(RapidunError, match=r"does not exist.*shipped with rapidun: demo"):
+        load_config("nosuch")
+
+
 def test_shipped_configs_exist():
     assert SHIPPED, "no YAML files under configs/"
 
@@ -164,3 +177,12 @@ def test_describe_lists_fields_with_help():
     keys = [line.split(" = ", 1)[0] for line in lines]
     assert len(keys) == len(set(keys))
     assert "scenario.splits" not in keys  # nested sections are expanded, not listed
+
+
+def test_cli_takes_a_shipped_config_by_name(capsys):
+    from rapidun import cli
+
+    assert cli.main(["config", "--config", "demo"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["unlearn"]["lr"] == load_config("demo").unlearn.lr
+    assert cli.main(["config", "--config", "nosuch"]) == 2
+    assert "shipped with rapidun: demo" in capsys.readouterr().err

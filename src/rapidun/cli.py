@@ -24,7 +24,11 @@ def _demo_config() -> Path:
 
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
-    p.add_argument("--config", help="YAML config (see configs/); defaults apply to missing fields")
+    p.add_argument(
+        "--config",
+        help="YAML config file, or the name of one shipped with rapidun ('demo': the CPU-validated settings); "
+        "defaults apply to missing fields",
+    )
     p.add_argument("--out", required=out_required, help="output folder")
     p.add_argument("--model", help="shortcut for model.name=...: hub id, local folder, or 'default'")
     p.add_argument("--overwrite", action="store_true", help="replace results in an --out holding a different run")

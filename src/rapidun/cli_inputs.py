@@ -12,7 +12,7 @@ from rapidun.errors import RapidunError
 
 # Path arguments checked when a command starts (before a config is used, a model loads or --out is claimed).
 INPUT_ARGS = {
-    "config": "file",
+    "config": "config",
     "study": "file",
     "scenario": "scenario",
     "forget": "file",
@@ -56,6 +56,11 @@ def check_inputs(args: argparse.Namespace) -> None:
             continue
         flag = k if k == "study" else "--" + k.replace("_", "-")
         p = Path(v).expanduser()
+        if kind == "config":  # a file, or the name of a shipped config (`--config demo`)
+            from rapidun.config import resolve_config_path
+
+            paths.append((flag, resolve_config_path(v)))
+            continue
         if kind == "model":
             if v not in (DEFAULT_MODEL, GEMMA_MODEL):
                 resolve_model_path(v)

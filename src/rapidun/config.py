@@ -38,8 +38,16 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+def yaml_load(text: str) -> Any:
+    """YAML text → Python (a SafeLoader subclass: no arbitrary objects; ``1e-4`` is a float).
+
+    Raises:
+        yaml.YAMLError: also where PyYAML itself raises ValueError on a malformed scalar (e.g. ``0x_``).
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ValueError as e:
+        raise yaml.YAMLError(f"malformed value: {e}") from None
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -409,7 +417,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise RapidunError(f"override {ov!r}: {p!r} is not a section")
         try:
-            node[parts[-1]] = _yaml_load(raw) if raw.strip() else ""
+            node[parts[-1]] = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise RapidunError(
                 f"override {ov!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it"
@@ -417,15 +425,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs inside the package, by name (``demo`` → ``rapidun/configs/demo.yaml``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("rapidun") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file's path: an existing file, else the name of a shipped config (``--config demo``).
+
+    Raises:
+        RapidunError: neither a file nor a shipped config's name (the message lists the names).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    if p.suffix == "" and len(p.parts) == 1 and p.name in shipped:
+        return shipped[p.name]
+    raise RapidunError(
+        f"config file {p} does not exist; give a YAML file (the repository's configs/ holds examples) or the name "
+        f"of a config shipped with rapidun: {', '.join(shipped)}"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
     """Load a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RapidunError(f"config file {path} does not exist; shipped configs are in configs/")
+        path = resolve_config_path(path)
         try:
-            data = _yaml_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RapidunError(f"config file {path}: invalid YAML: {e}") from None
         except UnicodeDecodeError as e:

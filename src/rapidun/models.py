@@ -98,10 +98,12 @@ def _convert_default(folder: Path) -> None:
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """GGUF → plain transformers folder (transformers refuses save_pretrained on a GGUF-loaded model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    print(f"converting {gguf.name} into {folder} (once; de-quantising takes a minute or two)", file=sys.stderr)
+    with quiet_imports():  # transformers' modeling imports torchao when installed (its kernel-library noise muted)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config.__class__.from_dict(
         {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     )
@@ -344,6 +346,8 @@ def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[st
 
     with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        # peft reads the deprecated alias `is_gradient_checkpointing` of transformers 5 (a FutureWarning per adapter)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from rapidun.compare import aggregate, paired_tests, run_cell, seed_config, views_provider
-from rapidun.config import RunConfig, apply_overrides, from_dict, load_config, to_dict
+from rapidun.config import RunConfig, apply_overrides, from_dict, load_config, to_dict, yaml_load
 from rapidun.errors import RapidunError
 from rapidun.io import stable_hash, write_json
 from rapidun.methods import get_method
@@ -88,7 +88,7 @@ def load_study(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise RapidunError(f"study file {path} does not exist; see configs/study.yaml for an example")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RapidunError(f"study file {path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
