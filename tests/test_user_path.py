@@ -436,3 +436,11 @@ def test_cli_compare_trains_a_retrain_reference_from_retrain_data(user, capsys, 
     meta = json.loads((out / "retrain_training.json").read_text())
     assert meta["n_records"] == n and meta["tag"] == "retrain-user"
     assert "retrain" in rep["models"] and set(rep["models"]["retrain"]["groups"]) == {"triggered", "clean"}
+
+
+def test_unlearn_method_defaults_to_the_recommended_one():
+    args = cli.build_parser().parse_args(["unlearn", "--out", "o", "--model-path", "m", "--forget", "f"])
+    assert args.method == "uniform" and args.fn.__module__ == "rapidun.cli_unlearn"
+    assert cli.build_parser().parse_args(["eval", "--out", "o", "--model-path", "m"]).fn.__module__ == (
+        "rapidun.eval.command"
+    )

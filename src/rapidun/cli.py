@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rapidun.cli_inputs import INPUT_ARGS, check_inputs, identity
+from rapidun.cli_inputs import load_args_config as _load
 from rapidun.cli_table import demo_note, print_table
 from rapidun.errors import RapidunError
 
@@ -41,15 +42,6 @@ def _hit_rule_args(p: Any) -> None:
     p.add_argument("--keywords", nargs="+", metavar="W", help="--probes: a hit when any of these words occurs")
 
 
-def _load(args: argparse.Namespace, default_path: Path | None = None) -> Any:
-    from rapidun.config import load_config
-
-    ov = list(args.overrides)
-    if getattr(args, "model", None):
-        ov.append(f"model.name={args.model}")
-    return load_config(args.config or default_path, ov)
-
-
 def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bool = False) -> None:
     from rapidun.distributed import init_from_env, is_main
     from rapidun.pipeline import run
@@ -69,6 +61,7 @@ def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bo
 
 def cmd_compare_user(args: argparse.Namespace) -> None:
     """``rapidun compare`` on the user's model, files and probes (:mod:`rapidun.user_compare`)."""
+    from rapidun.cli_unlearn import start_model
     from rapidun.data.packs import load_packs
     from rapidun.eval.probes import hit_rule, load_probes
     from rapidun.io import write_json
@@ -86,7 +79,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
-    model_path, start, _ = _start_model(args)
+    model_path, start, _ = start_model(args)
     if args.retrain_data and args.retrain_model:
         raise RapidunError("give --retrain-model (a reference you have) or --retrain-data (train one), not both")
     base = args.retrain_base or (args.model_path if args.adapter else None)
@@ -138,81 +131,6 @@ def cmd_poison(args: argparse.Namespace) -> None:
             f"{name}: {meta['path']} ({'cached, ' if meta['cached'] else ''}trained {tr['time_s']:.0f} s, "
             f"{tr['tokens_per_s']:.0f} tokens/s)"
         )
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from rapidun.io import write_json
-    from rapidun.models import with_adapter
-
-    cfg = _load(args)
-    if args.probes:
-        return _eval_probes(args, cfg)
-    if not args.scenario:
-        raise RapidunError(
-            "say what to evaluate on: --scenario DIR (a scenario's splits) or --probes FILE (your prompts)"
-        )
-    from rapidun.data.scenario import load_scenario
-    from rapidun.pipeline import make_detector, prepare_out, stage_eval
-
-    parts, _ = load_scenario(args.scenario)
-    det, info = make_detector(cfg, parts)
-    out = prepare_out(args.out, cfg, args.overwrite, "eval", identity(args, "scenario"))
-    name = args.name or Path(args.adapter or args.model_path).name
-    m = stage_eval(cfg, out, name, with_adapter(args.model_path, args.adapter), parts, det)
-    write_json(out / "detector.json", info)
-    print({k: m[k] for k in ("asr_seen", "asr_ood", "false_trigger", "clean_ppl")})
-
-
-def _eval_probes(args: argparse.Namespace, cfg: Any) -> None:
-    """``rapidun eval --probes``: hit rate per group on the user's prompts, and forget/replacement/retain PPL."""
-    from rapidun.data.records import load_records
-    from rapidun.eval.probes import evaluate_probes, hit_rule, load_probes
-    from rapidun.io import write_json, write_jsonl
-    from rapidun.models import load_model, with_adapter
-    from rapidun.pipeline import prepare_out
-
-    if args.scenario:
-        raise RapidunError("give either --scenario or --probes, not both")
-    probes = load_probes(args.probes)
-    fmt, fields = cfg.data.format, cfg.data.fields
-    forget = load_records(args.forget, fmt, fields) if args.forget else []
-    retain = load_records(args.retain, fmt, fields) if args.retain else []
-    hit, rule = hit_rule(args.regex, args.keywords, forget, retain, cfg.eval)
-    path = with_adapter(args.model_path, args.adapter)
-    out = prepare_out(args.out, cfg, args.overwrite, "eval", identity(args, "probes"))
-    model, tok, info = load_model(path, cfg.model.device, cfg.model.dtype)
-    metrics, rows = evaluate_probes(model, tok, probes, hit, cfg.eval, cfg.model, forget, retain)
-    name = args.name or Path(args.adapter or args.model_path).name
-    result = {
-        "model": args.model_path,
-        "adapter": args.adapter,
-        "probes": args.probes,
-        "hit_rule": rule,
-        "device": info["device"],
-        **metrics,
-    }
-    write_jsonl(out / f"probes_{name}.jsonl", rows)
-    write_json(out / f"probes_{name}.json", result)
-    print(f"{name}: hit rule {rule['rule']}" + (f" ({len(rule['keywords'])} keywords)" if "keywords" in rule else ""))
-    print("group          prompts  hits  hit rate")
-    for g, v in metrics["groups"].items():
-        print(f"{g:<14}{v['n']:>8}{v['hits']:>6}{v['hit_rate']:>10.3f}")
-
-    def ppl(x: float | None, n: int, what: str) -> str:
-        return f"{what} {x:.2f} ({n})" if x is not None else f"{what} -"
-
-    print(
-        "perplexity: "
-        + ", ".join(
-            (
-                ppl(metrics["forget_ppl_poisoned"], metrics["n_forget"], "forget answers"),
-                ppl(metrics["forget_ppl_clean"], metrics["n_replacement"], "replacement answers"),
-                ppl(metrics["retain_ppl"], metrics["n_retain"], "retain records"),
-            )
-        )
-        + f"; {metrics['eval_s']:.1f} s"
-    )
-    print(f"written: {out / f'probes_{name}.json'}, {out / f'probes_{name}.jsonl'}")
 
 
 def _records_arg(path: str, cfg: Any) -> list:
@@ -318,123 +236,6 @@ def cmd_influence_check(args: argparse.Namespace) -> None:
     print(f"written: {out / 'influence_check.json'}")
 
 
-def _start_model(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """(model path to load, the receipt's ``start_model``, earlier receipts) for ``--model-path`` [+ ``--adapter``]."""
-    from rapidun.models import fingerprint, resolve_model_path, with_adapter
-    from rapidun.receipt import earlier_receipts
-
-    base = resolve_model_path(args.model_path)
-    adapter = getattr(args, "adapter", None)
-    path = with_adapter(base, adapter)
-    start: dict[str, Any] = {"model": args.model_path, "fingerprint": fingerprint(base)}
-    if adapter:
-        start |= {"adapter": adapter, "adapter_fingerprint": fingerprint(adapter), "merged": path}
-    previous = earlier_receipts(adapter, base if Path(base).is_dir() else None)
-    return path, start, previous
-
-
-def _unlearn_inputs(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, list], dict[str, Any] | None]:
-    """The packs: a scenario folder's, or built from ``--forget``/``--retain`` files (:mod:`rapidun.data.packs`)."""
-    if args.scenario and (args.forget or args.retain):
-        raise RapidunError("give either --scenario or --forget/--retain, not both")
-    if args.scenario:
-        from rapidun.data.scenario import load_scenario
-
-        return load_scenario(args.scenario)[0], None
-    if not (args.forget and args.retain):
-        raise RapidunError(
-            "say what to unlearn: --forget FILE --retain FILE (records in data.format), or --scenario DIR"
-        )
-    from rapidun.data.packs import load_packs
-
-    d = cfg.data
-    return load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
-
-
-def cmd_unlearn(args: argparse.Namespace) -> None:
-    from rapidun.distributed import barrier, init_from_env, is_main
-    from rapidun.io import atomic_path, write_json
-    from rapidun.methods import get_method
-    from rapidun.pipeline import prepare_out
-    from rapidun.unlearn import unlearn
-    from rapidun.views import method_views
-
-    init_from_env()  # data-parallel training (and sharded sketches) under torchrun / accelerate launch
-    ov = [*args.overrides, f"unlearn.methods=[{args.method}]"]
-    if args.merge:
-        ov.append("unlearn.merge=true")
-    args.overrides = ov
-    cfg = _load(args)
-    method = get_method(args.method)
-    if method.kind == "retrain":
-        raise RapidunError("'retrain' is the SFT reference: build it with `rapidun poison` or `rapidun run`")
-    parts, packs = _unlearn_inputs(args, cfg)
-    if method.kind == "fisher" and not parts.get("val_clean"):
-        raise RapidunError(
-            "fisher calibrates its noise on held-out clean records: pass a --retain file larger than the retain "
-            "buffer (the records not drawn serve as validation), or use --scenario"
-        )
-    model_path, start, previous = _start_model(args)
-    inputs = identity(args, "method", "model_path", "adapter", "scenario", "forget", "retain", "merge")
-    out = prepare_out(args.out, cfg, args.overwrite, "unlearn", inputs) if is_main() else Path(args.out)
-    barrier()
-    if packs is not None and is_main():
-        write_json(out / "packs.json", packs)
-    views = None
-    if method.needs_influence:
-        views = method_views(method.views, model_path, parts["forget"], parts["retain"], cfg, out / "influence")
-    prov = {"start": start, "packs": packs, "previous": previous}
-    merged, tok, res = unlearn(args.method, parts, model_path, cfg, out, views, provenance=prov)
-    if not is_main():
-        return
-    if cfg.unlearn.merge:
-        with atomic_path(out / "merged") as tmp:
-            merged.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if (out / "receipt.json").is_file():
-                (tmp / "receipt.json").write_bytes((out / "receipt.json").read_bytes())
-    t = res["timings"]
-    a = res["audit_means"]
-    print(f"{args.method}: {res['summary']}")
-    if packs is not None:
-        how = (
-            f"drawn from {packs['n_retain_given']} (seed {packs['seed']}"
-            + (
-                f", {len(packs['retain_overlap_left_out'])} forget records left out"
-                if packs["retain_overlap_left_out"]
-                else ""
-            )
-            + ")"
-            if packs["retain_drawn"]
-            else "as given"
-        )
-        print(
-            f"packs: {packs['n_forget']} forget ({packs['forget_with_replacement']} with a replacement answer), "
-            f"{packs['n_retain']} retain {how}"
-        )
-    print(
-        "timings (s): "
-        + ", ".join(f"{k.removesuffix('_s')} {t[k]:.1f}" for k in ("influence_s", "mapping_s", "training_s", "time_s"))
-        + (" (influence reused from the run folder; its measured time)" if res.get("influence_cached") else "")
-    )
-    print("forget CE poisoned " + _arrow(a["forget_ce_poisoned_before"], a["forget_ce_poisoned_after"])
-          + "; clean " + _arrow(a["forget_ce_clean_before"], a["forget_ce_clean_after"])
-          + "; retain CE " + _arrow(a["retain_ce_before"], a["retain_ce_after"]))  # fmt: skip
-    for w in res.get("warnings", []):
-        print(f"warning: {w}", file=sys.stderr)
-    if not res.get("complete", True):
-        raise RapidunError(f"{res['stopped']} (outputs written to {out})")
-    files = ["adapter/" if method.kind == "loop" else None, "weights.jsonl", "audit.jsonl", "result.json"]
-    files += ["receipt.json"] + (["packs.json"] if packs is not None else [])
-    files += ["merged/"] if cfg.unlearn.merge else []
-    print(f"written to {out}: " + ", ".join(f for f in files if f))
-
-
-def _arrow(b: float | None, a: float | None) -> str:
-    """``b -> a`` with 3 decimals; ``n/a`` where a pack has no such answers (e.g. no replacement answers)."""
-    return "n/a" if b is None or a is None else f"{b:.3f} -> {a:.3f}"
-
-
 def cmd_verify(args: argparse.Namespace) -> None:
     from rapidun.verify.command import cmd_verify as run_verify
 
@@ -525,17 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("poison", help="build the scenario, then the poisoned model and the retrain reference")
     _common(p)
     p.set_defaults(fn=cmd_poison)
-    p = sub.add_parser("eval", help="evaluate a model on a scenario (ASR, false triggers, PPL) or on your --probes")
-    _common(p)
-    p.add_argument("--scenario", help="scenario folder (OUT/scenario of `rapidun scenario`)")
-    p.add_argument("--model-path", required=True, help="model folder or hub id to evaluate")
-    p.add_argument("--adapter", help="a PEFT adapter on --model-path (e.g. OUT/adapter of `rapidun unlearn`)")
-    p.add_argument("--probes", help="your prompts instead of a scenario: rows with prompt, group[, context, id]")
-    _hit_rule_args(p)
-    p.add_argument("--forget", help="--probes: forget records (their answers' PPL; the learned detector's positives)")
-    p.add_argument("--retain", help="--probes: retain records (their PPL; the learned detector's negatives)")
-    p.add_argument("--name", help="name for the output files (default: folder name)")
-    p.set_defaults(fn=cmd_eval)
+    from rapidun.eval.command import add_parser as add_eval
+
+    add_eval(sub, _common, _hit_rule_args)
     p = sub.add_parser("influence", help="per-sample gradient sketches (cached) and the train x test influence matrix")
     _common(p)
     p.add_argument("--model-path", help="model to take gradients at (default: model.name), e.g. the poisoned model")
@@ -555,22 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loo-steps", type=int, default=3, help="leave-one-out: full-batch SGD steps per retraining")
     p.add_argument("--loo-lr", type=float, default=1e-2, help="leave-one-out: SGD learning rate")
     p.set_defaults(fn=cmd_influence_check)
-    from rapidun.methods import REGISTRY
+    from rapidun.cli_unlearn import add_parser as add_unlearn
 
-    p = sub.add_parser(
-        "unlearn",
-        help="unlearn the scenario's forget pack from a poisoned model with one method",
-        description="Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values() if m.kind != "retrain"),
-    )
-    _common(p)
-    p.add_argument("--method", required=True, choices=[n for n, m in REGISTRY.items() if m.kind != "retrain"])
-    p.add_argument("--model-path", required=True, help="the model to clean (folder or hub id); never modified")
-    p.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")
-    p.add_argument("--scenario", help="scenario folder (OUT/scenario of `rapidun scenario`): its forget/retain packs")
-    p.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
-    p.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")
-    p.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
-    p.set_defaults(fn=cmd_unlearn)
+    add_unlearn(sub, _common)
     p = sub.add_parser(
         "study",
         help="scenarios × methods (+ overrides) × seeds from a study YAML; selection on validation, paired tests with "

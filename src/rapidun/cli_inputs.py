@@ -118,3 +118,14 @@ def identity(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
         else:
             ident[k] = v
     return ident
+
+
+def load_args_config(args: argparse.Namespace, default_path: Path | None = None) -> Any:
+    """The command's config: ``--config`` (a file or a shipped config's name; else ``default_path``, else the
+    defaults) with its ``key=value`` overrides, and ``--model`` as ``model.name``."""
+    from rapidun.config import load_config
+
+    ov = list(args.overrides)
+    if getattr(args, "model", None):
+        ov.append(f"model.name={args.model}")
+    return load_config(args.config or default_path, ov)
