@@ -6,6 +6,7 @@ On the tiny saved model of ``test_unlearn_e2e`` (its overrides and packs), so a 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -444,3 +445,42 @@ def test_unlearn_method_defaults_to_the_recommended_one():
     assert cli.build_parser().parse_args(["eval", "--out", "o", "--model-path", "m"]).fn.__module__ == (
         "rapidun.eval.command"
     )
+
+
+def test_heldout_warning_threshold_and_message():
+    from rapidun.unlearn import MAX_HELDOUT_PPL_RATIO, heldout_warning
+
+    ok = {"n": 4, "ce_before": 1.0, "ce_after": 1.05, "ppl_ratio": math.exp(0.05)}
+    assert math.exp(0.05) < MAX_HELDOUT_PPL_RATIO and heldout_warning(ok, 5e-4, "loop") is None
+    bad = {"n": 4, "ce_before": 1.0, "ce_after": 1.5, "ppl_ratio": math.exp(0.5)}
+    w = heldout_warning(bad, 5e-4, "loop")
+    assert w is not None and "rose 1.65x" in w and "1.000 -> 1.500" in w and "lower unlearn.lr (now 0.0005)" in w
+    assert "fisher_alphas" in heldout_warning(bad, 5e-4, "fisher") and heldout_warning(None, 5e-4, "loop") is None
+
+
+def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warns(user, capsys):
+    from rapidun.data.template import encode_records
+    from rapidun.models import load_model
+
+    out = user.root / "held"
+    args = ["--method", "ga", "--model-path", user.model_dir, "--out", str(out)]  # pure ascent: damages
+    f_args = ["--forget", user.forget, "--retain", user.retain]
+    extra = ("scenario.retain_ratio=0.5", "unlearn.lr=0.2")
+    assert unlearn_cli(*args, *f_args, extra=extra) == 0
+    cap = capsys.readouterr()
+    h = json.loads((out / "result.json").read_text())["heldout"]
+    drawn = set(json.loads((out / "receipt.json").read_text())["retain_ids"])
+    held = [r for r in user.parts["retain"] if r.id not in drawn]
+    assert h["ids"] == [r.id for r in held] and h["n"] == len(held) > 0
+    # the slow version: one record at a time, HF's own shifted mean CE over the answer tokens
+    cfg = load_config(None, [*OVERRIDES, "data.format=alpaca"])
+    model, tok, _ = load_model(user.model_dir, "cpu", "float32")
+    ces = []
+    with torch.no_grad():
+        for e in encode_records(tok, held, cfg.model)[0]:
+            ids = torch.tensor([e.input_ids])
+            ces.append(float(model(input_ids=ids, labels=torch.tensor([e.labels])).loss))
+    assert h["ce_before"] == pytest.approx(sum(ces) / len(ces), abs=1e-5)
+    assert h["ppl_ratio"] == pytest.approx(math.exp(h["ce_after"] - h["ce_before"]))
+    assert f"held-out clean records ({h['n']}, never trained on)" in cap.out
+    assert h["ppl_ratio"] > 1.10 and "warning: the held-out clean records' perplexity rose" in cap.err

@@ -114,6 +114,12 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     print("forget CE poisoned " + _arrow(a["forget_ce_poisoned_before"], a["forget_ce_poisoned_after"])
           + "; clean " + _arrow(a["forget_ce_clean_before"], a["forget_ce_clean_after"])
           + "; retain CE " + _arrow(a["retain_ce_before"], a["retain_ce_after"]))  # fmt: skip
+    h = res.get("heldout")
+    if h:
+        print(f"held-out clean records ({h['n']}, never trained on): CE {_arrow(h['ce_before'], h['ce_after'])}, "
+              f"perplexity x{h['ppl_ratio']:.2f}")  # fmt: skip
+    elif packs is not None:
+        print("held-out clean records: none (a --retain file larger than the buffer leaves some out to check utility)")
     for w in res.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if not res.get("complete", True):

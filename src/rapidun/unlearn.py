@@ -168,6 +168,11 @@ def unlearn(
     if before is None or len(before["ce_clean"]) != len(forget) + len(retain):
         before = audit_losses(model, forget, retain, pad, device)
     timings["audit_before_s"] = time.perf_counter() - t
+    held_recs = parts.get("val_clean", [])[:HELDOUT_CHECK]  # never trained on: the run's utility check
+    held_pairs = [(r.id, e) for r, e in zip(held_recs, encode_records(tok, held_recs, cfg.model)[0], strict=True)
+                  if any(x != -100 for x in e.labels)]  # fmt: skip
+    held = [e for _, e in held_pairs]
+    held_before = float(eval_ce(model, held, pad, device).mean()) if held else None
 
     weight_info: dict[str, Any] = {}
     t = time.perf_counter()
@@ -278,8 +283,20 @@ def unlearn(
         "retain_ce_before": _mean(before["ce_clean"][nf:]),
         "retain_ce_after": _mean(after["ce_clean"][nf:]),
     }
-    warn = forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind)
-    result["warnings"] = [warn] if warn else []
+    if held_before is not None:
+        held_after = float(eval_ce(merged, held, pad, device).mean())
+        result["heldout"] = {
+            "n": len(held),
+            "ids": [i for i, _ in held_pairs],
+            "ce_before": held_before,
+            "ce_after": held_after,
+            "ppl_ratio": math.exp(held_after - held_before),
+        }
+    warns = [
+        forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind),
+        heldout_warning(result.get("heldout"), u.lr, method.kind),
+    ]
+    result["warnings"] = [w for w in warns if w]
     if out is not None and is_main():
         prov = provenance or {}
         start = prov.get("start") or {"model": model_path, "fingerprint": fingerprint(resolve_model_path(model_path))}
@@ -289,7 +306,8 @@ def unlearn(
             forget=parts["forget"], retain=parts["retain"],
             config={k: to_dict(getattr(cfg, k)) for k in ("model", "unlearn", "weighting", "influence")},
             seed=u.seed,
-            measured={"audit_means": result["audit_means"], "timings": timings, "warnings": result["warnings"]},
+            measured={"audit_means": result["audit_means"], "heldout": result.get("heldout"), "timings": timings,
+                      "warnings": result["warnings"]},
             complete=bool(result.get("complete", True)), packs=prov.get("packs"), previous=prov.get("previous"),
         )  # fmt: skip
         result["receipt"] = RECEIPT
@@ -304,6 +322,8 @@ def unlearn(
 
 
 MIN_FORGET_CHANGE = 0.05  # relative change of the forget records' mean CE below which a run warns
+HELDOUT_CHECK = 40  # held-out clean records (``val_clean``) whose answer loss is measured before and after
+MAX_HELDOUT_PPL_RATIO = 1.10  # held-out perplexity after / before above which a run warns (matched utility)
 
 
 def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind: str) -> str | None:
@@ -401,3 +421,25 @@ def _audit_rows(
             row[f"{name}_after"] = after[name][k]
         rows.append(row)
     return rows
+
+
+def heldout_warning(heldout: dict[str, Any] | None, lr: float, kind: str) -> str | None:
+    """A warning when the held-out clean records' perplexity rose more than :data:`MAX_HELDOUT_PPL_RATIO`.
+
+    ``ppl_ratio = exp(CE_after − CE_before)`` over the mean answer CE of up to :data:`HELDOUT_CHECK` clean records
+    the run never trained on (the scenario's ``val_clean``; on the user path the retain records not drawn into
+    the buffer). The retain buffer's own loss falls even when the model is damaged (it is trained on), so this
+    is the run's utility check.
+    """
+    if heldout is None or heldout["ppl_ratio"] <= MAX_HELDOUT_PPL_RATIO:
+        return None
+    fix = (
+        f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`"
+        if kind == "loop"
+        else "lower unlearn.fisher_alphas"
+    )
+    return (
+        f"the held-out clean records' perplexity rose {heldout['ppl_ratio']:.2f}x ({heldout['n']} records, CE "
+        f"{heldout['ce_before']:.3f} -> {heldout['ce_after']:.3f}), more than {MAX_HELDOUT_PPL_RATIO:.2f}x: the "
+        f"unlearning damaged the model beyond its target; {fix}"
+    )
