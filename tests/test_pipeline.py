@@ -87,3 +87,16 @@ def test_compare_reference_must_be_a_listed_method(tmp_path):
     cfg = load_config(None, ["unlearn.methods=[uniform,ga]"])
     with pytest.raises(RapidunError, match=r"compare.reference='rapidun' is not in unlearn.methods"):
         stage_methods(cfg, tmp_path, {}, {}, {}, None)
+
+
+def test_a_bad_reference_fails_before_any_model_is_built(tmp_path, monkeypatch):
+    from rapidun import pipeline
+
+    def boom(*a, **k):  # the first stage that builds anything
+        raise AssertionError("stage_base ran before the methods were checked")
+
+    monkeypatch.setattr(pipeline, "stage_base", boom)
+    cfg = load_config(None, ["unlearn.methods=[uniform]"])
+    with pytest.raises(RapidunError, match=r"compare.reference='rapidun' is not in unlearn.methods \['uniform'\]"):
+        pipeline.run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -290,6 +290,27 @@ def views_provider(
     return views_of
 
 
+def check_methods(cfg: RunConfig) -> list[str]:
+    """The comparison's methods (``unlearn.methods``, duplicates dropped), checked before any work: every name is
+    registered, ``compare.n_seeds``/``n_boot`` are positive and ``compare.reference`` is one of the methods.
+
+    Raises:
+        RapidunError: naming the setting and what to change.
+    """
+    names = list(dict.fromkeys(cfg.unlearn.methods))
+    for n in names:
+        get_method(n)
+    c = cfg.compare
+    if c.n_seeds < 1 or c.n_boot < 1:
+        raise RapidunError(f"compare.n_seeds and compare.n_boot must be >= 1, got {c.n_seeds} and {c.n_boot}")
+    if names and c.reference not in names:
+        raise RapidunError(
+            f"compare.reference={c.reference!r} is not in unlearn.methods {names}: add it, or set compare.reference "
+            "to one of them (every other method is paired against it)"
+        )
+    return names
+
+
 def stage_methods(
     cfg: RunConfig,
     out: Path,
@@ -304,17 +325,7 @@ def stage_methods(
     methods; each (method, seed) cell is reused when unchanged (:func:`run_cell`). ``retrain`` is the one SFT
     reference model. Returns ``(methods, influence)``: the report's ``methods`` and ``influence`` entries.
     """
-    names = list(dict.fromkeys(cfg.unlearn.methods))
-    for n in names:
-        get_method(n)  # unknown names fail before any work
-    c = cfg.compare
-    if c.n_seeds < 1 or c.n_boot < 1:
-        raise RapidunError(f"compare.n_seeds and compare.n_boot must be >= 1, got {c.n_seeds} and {c.n_boot}")
-    if c.reference not in names:
-        raise RapidunError(
-            f"compare.reference={c.reference!r} is not in unlearn.methods {names}: add it, or set compare.reference "
-            "to one of them (every other method is paired against it)"
-        )
+    names = check_methods(cfg)
     poisoned = models["poisoned"]["path"]
     retrain_s = models["retrain"]["train"]["time_s"]
     proj = retrain_projection(models["retrain"]["train"], cfg.sft.epochs)

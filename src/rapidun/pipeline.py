@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rapidun import __version__
-from rapidun.compare import seed_config, stage_methods
+from rapidun.compare import check_methods, seed_config, stage_methods
 from rapidun.config import ModelConfig, RunConfig, dump_yaml, to_dict
 from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import build_scenario, save_scenario
@@ -329,6 +329,7 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
     Under ``torchrun`` every rank calls this; rank 0 writes the files.
     """
     t_all = time.perf_counter()
+    check_methods(cfg)  # a method name or compare.reference that cannot work fails before the models are built
     out = claim_out(out, cfg, overwrite)
     base = stage_base(cfg, out)
     parts, manifest, models, det, det_info = (base[k] for k in ("parts", "manifest", "models", "det", "det_info"))
