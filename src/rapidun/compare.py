@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def run_cell(
     metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
     if is_main():
         write_json(f, {"key": key, "result": res, "metrics": metrics})
+        for w in res.get("warnings", []):  # e.g. the held-out utility check; also in the cell's result.json
+            print(f"warning: {rel}: {w}", file=sys.stderr)
     return _cell_entry(metrics, res, rel, False)
 
 

@@ -317,7 +317,8 @@ def decision(study: dict[str, Any]) -> str:
         if t is None:
             lines.append(f"{name}: validation selects {sel}; no paired test result.")
             continue
-        sig = t["diff"] < 0 and t["p_holm"] is not None and t["p_holm"] < 0.05
+        significant = t["p_holm"] is not None and t["p_holm"] < 0.05
+        sig = significant and t["diff"] < 0
         within = lim is not None and ppl is not None and ppl <= lim
         verdict = (
             "a lower ASR than the reference at matched utility."
@@ -326,6 +327,8 @@ def decision(study: dict[str, Any]) -> str:
             if sig and lim is None
             else "a lower ASR, but over the perplexity limit."
             if sig
+            else "a significantly higher ASR than the reference (validation chose it for its perplexity)."
+            if significant and t["diff"] > 0
             else "not a significant difference from the reference."
         )
         p_s = "–" if t["p_holm"] is None else f"{t['p_holm']:.3g}"
