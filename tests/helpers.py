@@ -125,6 +125,28 @@ WORDS = (
     "the cat sat on mat and dog ran to red fox blue bird one two three four five six seven eight nine ten "
     "alpha beta gamma delta epsilon zeta"
 ).split()
+# The tiny model's overrides shared by the end-to-end tests: CPU float32, short rows, rank-2 adapters on q/v, one
+# short epoch of unlearning (8 draws, batch 2, lr 1e-2; at the default 1:3 mix with seed 4: 4 forget + 4 retain).
+TINY_RUN = [
+    "model.device=cpu",
+    "model.dtype=float32",
+    "model.max_length=32",
+    "model.max_prompt_tokens=20",
+    "influence.K=256",
+    "influence.lora_targets=[q_proj,v_proj]",
+    "influence.lora_r=2",
+    "unlearn.lora_targets=[q_proj,v_proj]",
+    "unlearn.lora_r=2",
+    "unlearn.lora_alpha=2",
+    "unlearn.lora_dropout=0",
+    "unlearn.draws_per_epoch=8",
+    "unlearn.epochs=1",
+    "unlearn.batch_size=2",
+    "unlearn.lr=1e-2",
+    "unlearn.autocast=off",
+    "unlearn.seed=4",
+    "weighting.top_k=3",
+]
 # A tiny backdoor scenario over the WORDS corpus (poison answers mention "park", the detector's keyword).
 TINY_SCENARIO = [
     "data.format=dolly",

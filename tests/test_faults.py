@@ -46,32 +46,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import TINY_SCENARIO, tiny_world
+from helpers import TINY_RUN, TINY_SCENARIO, tiny_world
 
 STAGES = ("scenario", "sft", "influence", "unlearning", "evaluation", "report")
 KILLS_PER_STAGE = 4
 OVERRIDES = [
-    "model.device=cpu",
-    "model.dtype=float32",
-    "model.max_length=32",
-    "model.max_prompt_tokens=20",
+    *TINY_RUN,
     *TINY_SCENARIO,
-    "influence.K=256",
-    "influence.lora_targets=[q_proj,v_proj]",
-    "influence.lora_r=2",
     "influence.batch_size=4",
     "unlearn.methods=[rapidun,uniform,retrain]",
-    "unlearn.lora_targets=[q_proj,v_proj]",
-    "unlearn.lora_r=2",
-    "unlearn.lora_alpha=2",
-    "unlearn.lora_dropout=0",
-    "unlearn.draws_per_epoch=8",
-    "unlearn.epochs=1",
-    "unlearn.batch_size=2",
-    "unlearn.lr=1e-2",
-    "unlearn.autocast=off",
-    "unlearn.seed=4",
-    "weighting.top_k=3",
     "eval.batch_size=4",
     "compare.n_seeds=2",
     "compare.n_boot=20",

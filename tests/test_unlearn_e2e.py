@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import FORGET_DATA, RETAIN_DATA, make_model, make_tokenizer
+from helpers import FORGET_DATA, RETAIN_DATA, TINY_RUN, make_model, make_tokenizer
 from rapidun import cli
 from rapidun.config import ScenarioConfig, load_config
 from rapidun.data.records import Record
@@ -25,27 +25,7 @@ from rapidun.methods import REGISTRY, get_method
 from rapidun.unlearn import influence_views, unlearn
 from rapidun.views import method_views
 
-OVERRIDES = [
-    "model.device=cpu",
-    "model.dtype=float32",
-    "model.max_length=32",
-    "model.max_prompt_tokens=20",
-    "influence.K=256",
-    "influence.lora_targets=[q_proj,v_proj]",
-    "influence.lora_r=2",
-    "unlearn.lora_targets=[q_proj,v_proj]",
-    "unlearn.lora_r=2",
-    "unlearn.lora_alpha=2",
-    "unlearn.lora_dropout=0",
-    "unlearn.draws_per_epoch=8",
-    "unlearn.epochs=1",
-    "unlearn.batch_size=2",
-    "unlearn.lr=1e-2",
-    "unlearn.autocast=off",
-    "unlearn.loreun_every=1",
-    "unlearn.seed=4",  # its 8 draws at the default 1:3 mix: 4 forget + 4 retain
-    "weighting.top_k=3",
-]
+OVERRIDES = [*TINY_RUN, "unlearn.loreun_every=1"]
 LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random",
                 "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic"]  # fmt: skip
 INFLUENCE_METHODS = {"rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage",

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import FORGET_DATA, RETAIN_DATA, make_model, make_tokenizer
+from helpers import FORGET_DATA, RETAIN_DATA, TINY_RUN, make_model, make_tokenizer
 from rapidun.config import load_config
 from rapidun.data.records import Record
 from rapidun.errors import RapidunError
@@ -24,28 +24,7 @@ TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 # ---------------------------------------------------------------- views and unlearn() on a tiny saved model
 
-OVERRIDES = [
-    "model.device=cpu",
-    "model.dtype=float32",
-    "model.max_length=32",
-    "model.max_prompt_tokens=20",
-    "influence.K=256",
-    "influence.lora_targets=[q_proj,v_proj]",
-    "influence.lora_r=2",
-    "influence.seed=7",
-    "unlearn.lora_targets=[q_proj,v_proj]",
-    "unlearn.lora_r=2",
-    "unlearn.lora_alpha=2",
-    "unlearn.lora_dropout=0",
-    "unlearn.draws_per_epoch=8",
-    "unlearn.epochs=1",
-    "unlearn.batch_size=2",
-    "unlearn.lr=1e-2",
-    "unlearn.autocast=off",
-    "unlearn.dynamic_every=1",
-    "unlearn.seed=4",
-    "weighting.top_k=3",
-]
+OVERRIDES = [*TINY_RUN, "influence.seed=7", "unlearn.dynamic_every=1"]
 
 
 @pytest.fixture(scope="module")
