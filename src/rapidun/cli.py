@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ __all__ = ["INPUT_ARGS", "build_parser", "check_inputs", "demo_note", "identity"
 
 
 def _demo_config() -> Path:
-    return Path(str(resources.files("rapidun") / "configs" / "demo.yaml"))
+    from rapidun.config import shipped_configs
+
+    return shipped_configs()["demo"]
 
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
