@@ -27,7 +27,8 @@ from rapidun.views import method_views
 
 OVERRIDES = [*TINY_RUN, "unlearn.loreun_every=1"]
 LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random",
-                "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic"]  # fmt: skip
+                "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic", "sam_uniform",
+                "adv_uniform"]  # fmt: skip
 INFLUENCE_METHODS = {"rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage",
                      "rapidun_dynamic"}  # fmt: skip
 VAL_DATA = [("the cat sat", "on the mat"), ("one two three", "four five six"), ("alpha beta", "gamma delta")]
@@ -422,3 +423,16 @@ def test_documented_autocast_off_is_accepted_unquoted(tmp_path):
 
 def test_registry_loop_methods_are_all_covered():
     assert {n for n, m in REGISTRY.items() if m.kind == "loop"} == set(LOOP_METHODS)
+
+
+def test_cli_unlearn_distill_needs_the_base(env, scenario_dir, tmp_path, capsys):
+    assert cli_unlearn(env, scenario_dir, tmp_path / "out", "--method", "distill") != 0
+    assert "--base" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    out = tmp_path / "ok"
+    ov = ["--method", "distill", "--base", env.model_dir, "unlearn.distill_steps=2", "unlearn.distill_batch_size=2"]
+    assert cli_unlearn(env, scenario_dir, out, *ov) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["distill"]["base"] == env.model_dir and res["distill"]["train"]["steps"] >= 2
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert folder_digest(env.model_dir) == env.digest

@@ -48,7 +48,7 @@ def _unlearn_inputs(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, list]
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rapidun.distributed import barrier, init_from_env, is_main
     from rapidun.io import atomic_path, write_json
-    from rapidun.methods import get_method
+    from rapidun.methods import get_method, views_kind
     from rapidun.pipeline import prepare_out
     from rapidun.unlearn import unlearn
     from rapidun.views import method_views
@@ -57,6 +57,15 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     ov = [*args.overrides, f"unlearn.methods=[{args.method}]"]
     if args.merge:
         ov.append("unlearn.merge=true")
+    if args.method == "distill":
+        base = args.base or (args.model_path if getattr(args, "adapter", None) else None)
+        if not base and not any(o.startswith("unlearn.distill_base=") for o in ov):
+            raise RapidunError(
+                "distill resets the fine-tuning delta toward the base model: pass --base BASE (the model "
+                "--model-path was fine-tuned from), or give the fine-tune as --adapter on its base --model-path"
+            )
+        if base:
+            ov.append(f"unlearn.distill_base={base}")
     args.overrides = ov
     cfg = load_args_config(args)
     method = get_method(args.method)
@@ -69,14 +78,15 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
             "buffer (the records not drawn serve as validation), or use --scenario"
         )
     model_path, start, previous = start_model(args)
-    inputs = identity(args, "method", "model_path", "adapter", "scenario", "forget", "retain", "merge")
+    inputs = identity(args, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "merge")
     out = prepare_out(args.out, cfg, args.overwrite, "unlearn", inputs) if is_main() else Path(args.out)
     barrier()
     if packs is not None and is_main():
         write_json(out / "packs.json", packs)
     views = None
-    if method.needs_influence:
-        views = method_views(method.views, model_path, parts["forget"], parts["retain"], cfg, out / "influence")
+    kind = views_kind(args.method, cfg.unlearn.distill_teacher)
+    if kind:
+        views = method_views(kind, model_path, parts["forget"], parts["retain"], cfg, out / "influence")
     prov = {"start": start, "packs": packs, "previous": previous}
     merged, tok, res = unlearn(args.method, parts, model_path, cfg, out, views, provenance=prov)
     if not is_main():
@@ -154,6 +164,10 @@ def add_parser(sub: Any, common: Any) -> None:
     )
     p.add_argument("--model-path", required=True, help="the model to clean (folder or hub id); never modified")
     p.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")
+    p.add_argument(
+        "--base",
+        help="distill: the base model --model-path was fine-tuned from (default with --adapter: --model-path)",
+    )
     p.add_argument("--scenario", help="scenario folder (OUT/scenario of `rapidun scenario`): its forget/retain packs")
     p.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
     p.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")

@@ -25,7 +25,7 @@ from rapidun.eval.detector import Detector
 from rapidun.eval.evaluate import METRIC_KEYS, METRICS_VERSION, evaluate_loaded
 from rapidun.io import fault_point, read_json, stable_hash, write_json
 from rapidun.memory import PeakMemory
-from rapidun.methods import get_method
+from rapidun.methods import get_method, views_kind
 from rapidun.models import fingerprint
 from rapidun.stats import compare_hits, mean_std
 from rapidun.unlearn import unlearn
@@ -65,14 +65,14 @@ def retrain_projection(retrain_train: dict[str, Any], epochs: int = 2) -> dict[s
 
 def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, list[Record]], det: Detector) -> str:
     """Everything a (method, seed) cell's result depends on; a change re-runs the cell."""
-    m = get_method(name)
+    infl = bool(views_kind(name, cfg.unlearn.distill_teacher))
     return stable_hash(
         {
             "metrics_version": METRICS_VERSION,
             "method": name,
             "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
-            "weighting": to_dict(cfg.weighting) if m.needs_influence else None,
-            "influence": to_dict(cfg.influence) if m.needs_influence else None,
+            "weighting": to_dict(cfg.weighting) if infl else None,
+            "influence": to_dict(cfg.influence) if infl else None,
             "model": fingerprint(poisoned_path),
             "model_cfg": to_dict(cfg.model),
             "eval": to_dict(cfg.eval),
@@ -126,7 +126,7 @@ def run_cell(
     method can run under several settings side by side (``rapidun study``).
     """
     fault_point("compare:cell")
-    m = get_method(name)
+    get_method(name)
     label = label or name
     rel = f"seeds/{seed}/methods/{label}"
     key = method_key(cfg, name, poisoned, parts, det) + ("" if label == name else f"-{stable_hash(label, 8)}")
@@ -136,7 +136,8 @@ def run_cell(
     if hit:
         saved = read_json(f)
         return _cell_entry(saved["metrics"], saved["result"], rel, True)
-    views = views_of(m.views) if m.needs_influence else None
+    kind = views_kind(name, cfg.unlearn.distill_teacher)
+    views = views_of(kind) if kind else None
     with PeakMemory() as peak:
         merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
         before["losses"] = res["audit_before"]

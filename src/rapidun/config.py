@@ -226,8 +226,12 @@ METHOD_NAMES = (
     "rapidun_stable",
     "coverage",
     "rapidun_dynamic",
+    "distill",
+    "sam_uniform",
+    "adv_uniform",
     "retrain",
 )
+DISTILL_TEACHERS = ("start",)  # besides the registered loop/fisher methods: the start model itself as the teacher
 
 
 @dataclass
@@ -271,6 +275,33 @@ class UnlearnConfig:
     fisher_eps: float = _f(1e-8, "Fisher: F + eps before F^(-1/4)")
     fisher_max_std: float = _f(0.05, "Fisher: cap of the per-parameter noise std α·(F+eps)^(-1/4)")
     merge: bool = _f(False, "`rapidun unlearn`: also save the merged model (adapter folded in)")
+    distill_teacher: str = _f(
+        "uniform",
+        "distill: the method whose unlearned model is the teacher (any loop or fisher method), or 'start' (the start "
+        "model itself: distillation alone, no unlearning step)",
+    )
+    distill_alpha: float = _f(
+        1.0, "distill: fraction of the fine-tuning delta (start − base) removed before distilling (1 = reset to base)"
+    )
+    distill_noise: float = _f(
+        0.0, "distill: Gaussian noise added to the reset adapter's B factor, std = this × std of B (0 = none)"
+    )
+    distill_steps: int = _f(40, "distill: optimiser steps of forward-KL distillation on the retain records")
+    distill_lr: float = _f(1e-3, "distill: AdamW learning rate of the distillation (cosine decay)")
+    distill_batch_size: int = _f(8, "distill: records per distillation step")
+    distill_base: str = _f(
+        "",
+        "distill: the base model the start model was fine-tuned from ('' = model.name, the scenario's base; "
+        "`rapidun unlearn`: --base, or --model-path when --adapter is given)",
+    )
+    sam_rho: float = _f(0.05, "sam_*: radius ρ of the adversarial weight perturbation ε = ρ·g_f/‖g_f‖ (adapter)")
+    adv_steps: int = _f(2, "adv_*: relearning steps the forked adversary takes on the forget set before each update")
+    adv_lr: float = _f(5e-4, "adv_*: step size of the adversary's sign-gradient relearning steps")
+    adv_retain_budget: float = _f(
+        1.2,
+        "adv_*: skip the forget update of a step whose retain draws' CE is above budget × their CE at the start "
+        "(0 = no budget)",
+    )
 
 
 @dataclass

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from rapidun.config import (
+    DISTILL_TEACHERS,
     FUZZ_KINDS,
     METHOD_NAMES,
     TRACE_SPLITS,
@@ -166,6 +167,21 @@ CHECKS: dict[str, Check] = {
     "unlearn.fisher_ppl_tolerance": num(1),
     "unlearn.fisher_eps": POSITIVE,
     "unlearn.fisher_max_std": POSITIVE,
+    "unlearn.distill_teacher": Check(
+        "a loop or fisher method name, or 'start'",
+        lambda v: (
+            isinstance(v, str) and (v in DISTILL_TEACHERS or (v in METHOD_NAMES and v not in ("distill", "retrain")))
+        ),
+    ),
+    "unlearn.distill_alpha": num(0, 1),
+    "unlearn.distill_noise": NON_NEGATIVE,
+    "unlearn.distill_steps": COUNT,
+    "unlearn.distill_lr": POSITIVE,
+    "unlearn.distill_batch_size": COUNT,
+    "unlearn.sam_rho": POSITIVE,
+    "unlearn.adv_steps": COUNT,
+    "unlearn.adv_lr": POSITIVE,
+    "unlearn.adv_retain_budget": NON_NEGATIVE,
     "compare.n_seeds": COUNT,
     "compare.n_boot": COUNT,
     "verify.attacks": Check(

@@ -63,15 +63,55 @@ def per_sample_nll(
     Returns:
         ``(nll_sum (B,), n_tokens (B,))``.
     """
+    logits, row, target = answer_logits(model, input_ids, attention_mask, labels)  # (A, V), (A,), (A,)
+    nll = F.cross_entropy(logits.float(), target, reduction="none")  # (A,)
+    nll_sum = torch.zeros(input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
+    return nll_sum, torch.bincount(row, minlength=input_ids.shape[0])
+
+
+def answer_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the A positions whose next token is an answer token (the LM head applied to those only).
+
+    Args:
+        model: a causal LM (plain or PEFT-wrapped) with ``get_decoder`` and ``get_output_embeddings``.
+        input_ids: (B, T). attention_mask: (B, T). labels: (B, T) with ``IGNORE`` on non-answer positions.
+
+    Returns:
+        ``(logits (A, V), row (A,), target (A,))``: the logits, the sample index of each position and the next
+        token it predicts, in row-major (sample, position) order.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,T,H)
     targets = shift_labels(labels)  # (B, T)
     mask = targets != IGNORE  # (B, T)
     logits = base.get_output_embeddings()(hidden[mask])  # (A, V)
-    nll = F.cross_entropy(logits.float(), targets[mask], reduction="none")  # (A,)
-    row = torch.nonzero(mask, as_tuple=True)[0]  # (A,) sample index of each answer token
-    nll_sum = torch.zeros(input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
-    return nll_sum, mask.sum(1)
+    row = torch.nonzero(mask, as_tuple=True)[0]  # (A,) sample index of each answer position
+    return logits, row, targets[mask]
+
+
+def per_sample_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, row: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Forward KL of the student's next-token distributions from the teacher's, averaged per sample.
+
+    ``kl_i = (1/|A_i|) Σ_{t∈A_i} Σ_v p_t(v)·(log p_t(v) − log q_t(v))`` with ``p = softmax(teacher)``,
+    ``q = softmax(student)`` (float32); a sample without positions gets 0. Gradient flows into the student only
+    when the teacher logits are detached (the caller computes them under ``no_grad``).
+
+    Args:
+        teacher_logits: (A, V). student_logits: (A, V). row: (A,) sample index of each position. n: B.
+
+    Returns:
+        (B,) per-sample KL.
+    """
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)  # (A, V)
+    log_q = F.log_softmax(student_logits.float(), dim=-1)  # (A, V)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (A,)
+    total = torch.zeros(n, dtype=kl.dtype, device=kl.device).index_add_(0, row, kl)  # (B,)
+    count = torch.bincount(row, minlength=n).clamp_min(1)  # (B,)
+    return total / count
 
 
 def per_sample_ce(

@@ -30,6 +30,7 @@ from rapidun.errors import RapidunError
 from rapidun.functional import per_sample_ce, per_sample_nll
 from rapidun.io import fault_point
 from rapidun.methods import losses
+from rapidun.methods.robust import stepper
 
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, batch) -> (B,) per-sample losses
 
@@ -324,6 +325,7 @@ def unlearn_loop(
     desc: str = "unlearn",
     p_forget: torch.Tensor | None = None,
     p_retain: torch.Tensor | None = None,
+    robust: str = "",
 ) -> dict[str, Any]:
     """Weighted unlearning of ``model``'s trainable parameters (SPEC §2 step 11).
 
@@ -352,7 +354,8 @@ def unlearn_loop(
         Measured statistics: ``time_s``, ``steps``, ``draws``, ``forget_draws``, ``retain_draws``, ``rows``,
         ``tokens``, ``tokens_per_s``, ``loss_curve`` (weighted mean loss per step), ``refreshes``, ``ranks``,
         ``grad_norms`` (pre-clip total gradient norm per step), ``forget_dose``/``retain_dose`` (``Σ w`` over the
-        group's draws, the weights in force at each step).
+        group's draws, the weights in force at each step); with ``robust``: ``robust`` and ``adv_skipped`` (steps
+        whose forget part the retain budget skipped) or ``sam_forget_grad_norms``.
 
     Raises:
         NonFiniteLoss: the loss became NaN/±inf (no step was taken with it).
@@ -364,6 +367,10 @@ def unlearn_loop(
         )
     if cfg.batch_size <= 0:
         raise RapidunError(f"unlearn.batch_size must be > 0, got {cfg.batch_size}")
+    if robust not in ("", "sam", "adv"):
+        raise RapidunError(f"{desc}: unknown robust step {robust!r}; choose '', 'sam' or 'adv'")
+    if robust and world > 1:
+        raise RapidunError(f"{desc}: the {robust} step runs in one process only; launch it without torchrun")
     if world > cfg.batch_size and rank == 0:
         warnings.warn(
             f"{desc}: unlearn.batch_size={cfg.batch_size} < {world} ranks: {world - cfg.batch_size} rank(s) idle at "
@@ -395,8 +402,11 @@ def unlearn_loop(
         "forget_dose": 0.0,
         "retain_dose": 0.0,
     }
+    if robust:
+        stats |= {"robust": robust, "adv_skipped": 0, "sam_forget_grad_norms": []}
     model.train()
     t0 = time.perf_counter()
+    robust_step = _robust_stepper(robust, model, params, forget, retain, forget_loss, cfg, pad_id, device, ref_logp)
     bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
     for step, batch in enumerate(batches):
         fault_point("unlearn:step")
@@ -406,7 +416,16 @@ def unlearn_loop(
             model.train()
         mine = batch[rank::world]
         loss_local = torch.zeros((), device=device)
-        if mine:
+        if mine and robust_step is not None:  # the gradient is accumulated inside (module robust)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                r = robust_step(mine, w_f, w_r, len(batch))
+            loss_local, n_rows, n_tok = r["loss"], r["rows"], r["tokens"]
+            stats["adv_skipped"] += int(r.get("skipped", False))
+            if "forget_grad_norm" in r:
+                stats["sam_forget_grad_norms"].append(round(r["forget_grad_norm"], 5))
+            stats["rows"] += n_rows
+            stats["tokens"] += n_tok
+        elif mine:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 ell, n_rows, n_tok = step_losses(
                     model, mine, forget, retain, forget_loss, cfg, pad_id, device, ref_logp
@@ -427,7 +446,7 @@ def unlearn_loop(
                 "the last good parameters. Lower unlearn.lr or unlearn.ascent_alpha",
                 stats,
             )
-        if mine:
+        if mine and robust_step is None:
             loss_local.backward()
         if world > 1:
             _all_reduce_grads(params)
@@ -464,3 +483,32 @@ def unlearn_loop(
     stats["tokens_per_s"] = stats["tokens"] / max(elapsed, 1e-9)
     stats["final_w_forget"] = w_f.tolist()
     return stats
+
+
+def _robust_stepper(
+    robust: str,
+    model: Any,
+    params: list[torch.nn.Parameter],
+    forget: list[UItem],
+    retain: list[UItem],
+    forget_loss: str,
+    cfg: UnlearnConfig,
+    pad_id: int,
+    device: torch.device,
+    ref_logp: torch.Tensor | None,
+) -> Callable[[list[tuple[str, int]], torch.Tensor, torch.Tensor, int], dict[str, Any]] | None:
+    """``(draws, w_f, w_r, B) -> robust step result`` for ``robust`` (None for the plain step)."""
+    if not robust:
+        return None
+
+    def loss_of(draws: list[tuple[str, int]]) -> tuple[torch.Tensor, int, int]:
+        return step_losses(model, draws, forget, retain, forget_loss, cfg, pad_id, device, ref_logp)
+
+    def relearn_of(draws: list[tuple[str, int]]) -> torch.Tensor:
+        return row_stats(model, [forget[i].poisoned for _, i in draws], pad_id, device)[0].mean()
+
+    start_ce = None
+    if robust == "adv" and cfg.adv_retain_budget > 0 and retain:
+        start_ce = eval_ce(model, [it.clean for it in retain], pad_id, device)  # (N_r,)
+        model.train()
+    return stepper(robust, loss_of, relearn_of, params, cfg, start_ce)

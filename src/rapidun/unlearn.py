@@ -202,7 +202,16 @@ def unlearn(
     timings["mapping_s"] = time.perf_counter() - t
 
     result: dict[str, Any] = {"method": method.name, "summary": method.summary, "device": info["device"]}
-    if method.kind == "fisher":
+    if method.kind == "distill":
+        model, dres = _distill(model, parts, model_path, cfg, views, before, retain, pad, device)
+        timings["teacher_s"] = dres["teacher_s"]
+        timings["training_s"] = dres["time_s"]
+        result |= {"distill": dres, "train": dres["train"], "complete": dres["complete"]}
+        if out is not None and is_main():
+            with atomic_path(out / "adapter") as tmp:
+                model.save_pretrained(tmp)
+        merged = model.merge_and_unload()
+    elif method.kind == "fisher":
         val, _ = encode_records(tok, parts.get("val_clean", []), cfg.model)
         fstats = fisher_forget(model, [it.clean for it in retain], val, pad, u)
         timings["training_s"] = fstats["time_s"]
@@ -257,7 +266,7 @@ def unlearn(
             st["test"]["cached"] if "test_retain" in st else 0
         )
         timings["influence_retrieval_s"] = float(st["retrieval_s"])
-    timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"]
+    timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"] + timings.get("teacher_s", 0.0)
     result["timings"] = timings
     result["influence_cached"] = bool(views.get("cached")) if (views is not None and method.needs_influence) else None
     result["weights"] = {
@@ -370,6 +379,54 @@ def dynamic_refresh(forget: list[UItem], retain: list[UItem], pad: int, cfg: Run
         return rapidun_weights(v["FF"], v["FR"], v["RF"], v["RR"], cfg.weighting)["w_forget"]
 
     return refresh
+
+
+def _distill(
+    start: Any,
+    parts: dict[str, list[Record]],
+    model_path: str,
+    cfg: RunConfig,
+    views: dict[str, Any] | None,
+    before: dict[str, list[float | None]],
+    retain: list[UItem],
+    pad: int,
+    device: torch.device,
+) -> tuple[Any, dict[str, Any]]:
+    """``distill``: the teacher (``unlearn.distill_teacher`` run by :func:`unlearn`, writing nothing; or the start
+    model itself), then :func:`rapidun.methods.distill.distill` on ``start`` + a fresh adapter.
+
+    Returns:
+        ``(student PEFT model, stats)`` with ``teacher`` (its method, timings, audit means, held-out check),
+        ``teacher_s`` (its measured time, influence included), the distillation's statistics and ``complete``.
+    """
+    import copy
+
+    from rapidun.methods.distill import distill
+
+    u = cfg.unlearn
+    name = u.distill_teacher
+    if name == "start":
+        teacher, tinfo, teacher_s = copy.deepcopy(start), {"method": "start"}, 0.0
+    else:
+        teacher, _, tres = unlearn(name, parts, model_path, cfg, None, views, before)
+        teacher_s = tres["timings"]["time_s"]
+        tinfo = {k: tres.get(k) for k in ("method", "timings", "audit_means", "heldout", "complete", "warnings")}
+    teacher.eval()
+    base_path = u.distill_base or cfg.model.name
+    t0 = time.perf_counter()
+    base, _, _ = load_model(base_path, cfg.model.device, cfg.model.dtype)
+    base_load_s = time.perf_counter() - t0  # like the start model's load, not part of the method's time
+    student = attach_lora(start, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
+    stats = distill(student, teacher, base, [it.clean for it in retain], u, pad, device)
+    del base, teacher
+    stats |= {
+        "teacher": tinfo,
+        "teacher_s": teacher_s,
+        "base_load_s": base_load_s,
+        "base": base_path,
+        "complete": bool(tinfo.get("complete", True)),
+    }
+    return student, stats
 
 
 def _summary(w: torch.Tensor) -> dict[str, float]:

@@ -29,7 +29,7 @@ from rapidun.data.records import Record
 from rapidun.errors import RapidunError
 from rapidun.eval.probes import Probe, evaluate_probes
 from rapidun.io import read_json, stable_hash, write_json, write_jsonl, write_text
-from rapidun.methods import get_method
+from rapidun.methods import get_method, views_kind
 from rapidun.models import fingerprint, load_model
 from rapidun.reporting.doc import Block, Facts, Heading, Note, Table
 from rapidun.reporting.html import render_html
@@ -182,17 +182,18 @@ def compare_user(
                 cells[name][str(seed)] = read_json(mf)["entry"] | {"cached": True}
                 continue
             v = None
-            if m.needs_influence:
-                if m.views not in views:
-                    views[m.views] = method_views(
-                        m.views,
+            kind = views_kind(name, scfg.unlearn.distill_teacher)
+            if kind:
+                if kind not in views:
+                    views[kind] = method_views(
+                        kind,
                         model_path,
                         parts["forget"],
                         parts["retain"],
                         scfg,
                         out / "seeds" / str(seed) / "influence",
                     )
-                v = views[m.views]
+                v = views[kind]
             prov = {"start": start, "packs": packs, "previous": []}
             merged, tok, res = unlearn(name, parts, model_path, scfg, cell, v, before, provenance=prov)
             before = res["audit_before"]

@@ -20,7 +20,8 @@ class Method:
 
     Attributes:
         name: registry name.
-        kind: ``"loop"`` (the unlearning loop), ``"fisher"`` (noise injection) or ``"retrain"`` (SFT reference).
+        kind: ``"loop"`` (the unlearning loop), ``"fisher"`` (noise injection), ``"distill"`` (a teacher method,
+            then perturb-and-distil, :mod:`rapidun.methods.distill`) or ``"retrain"`` (SFT reference).
         forget_loss: ``"relabel_ascent"`` (β_d·CE(clean) − α_a·CE(poisoned)), ``"ascent"`` (−CE(poisoned)) or
             ``"npo"``; empty for non-loop kinds.
         retain: whether retain samples are drawn (loss CE on the clean answer). Without, every draw is a forget
@@ -39,6 +40,8 @@ class Method:
             (importance sampling: draws ∝ w within each group, every loss weight 1).
         dynamic: re-compute the forget weights from influence at the current adapter every
             ``unlearn.dynamic_every`` steps.
+        robust: the loop's step: ``""`` (plain), ``"sam"`` (sharpness-aware) or ``"adv"`` (against a relearning
+            adversary); :mod:`rapidun.methods.robust`.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Method:
     views: str = ""
     sampling: str = "uniform"
     dynamic: bool = False
+    robust: str = ""
 
     @property
     def needs_influence(self) -> bool:
@@ -99,6 +103,19 @@ REGISTRY: dict[str, Method] = {
             "RapidUn, forget weights re-computed at the current adapter every unlearn.dynamic_every steps",
             views="sketch", dynamic=True,
         ),
+        Method(
+            "distill", "distill", "", False, "uniform",
+            "UNDO: unlearn with unlearn.distill_teacher, reset the fine-tuning delta toward the base, distil the "
+            "teacher on retain records",
+        ),
+        Method(
+            "sam_uniform", "loop", "relabel_ascent", True, "uniform",
+            "uniform with sharpness-aware forget steps (radius unlearn.sam_rho)", robust="sam",
+        ),
+        Method(
+            "adv_uniform", "loop", "relabel_ascent", True, "uniform",
+            "uniform against a forked adversary relearning the forget set (unlearn.adv_*)", robust="adv",
+        ),
         Method("retrain", "retrain", "", False, "uniform", "LoRA fine-tune of the base model on clean data only"),
     )
 }
@@ -111,3 +128,12 @@ def get_method(name: str) -> Method:
     if name not in REGISTRY:
         raise RapidunError(f"unknown unlearning method {name!r}; choose one of {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def views_kind(name: str, teacher: str) -> str:
+    """The influence views a run of method ``name`` needs (``""``: none): its own, or for ``distill`` its teacher's
+    (``teacher`` = ``unlearn.distill_teacher``; ``"start"`` needs none)."""
+    m = get_method(name)
+    if m.kind == "distill":
+        return "" if teacher == "start" else get_method(teacher).views
+    return m.views
