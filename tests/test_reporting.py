@@ -377,3 +377,89 @@ def test_formatting():
     assert fmt_mean_std(0.5, 0.1234, 3) == "0.500 ± 0.123"
     assert fmt_mean_std(math.inf, 1.0, 2) == "inf"
     assert truncate("a\nb " + "c" * 200, 20) == "a b " + "c" * 15 + "…"
+
+
+# ---------------------------------------------------------------- verification: weight distance, removal frontier
+
+
+def _verification() -> dict:
+    """A verification entry as compare writes it: poisoned, retrain and two methods on two seeds each."""
+
+    def entry(before: float, after: float | None, rec: float | None, d_p: float, d_r: float) -> dict:
+        e = {"asr_seen": before, "asr_ood": before / 2, "asr_trig": before, "clean_ppl": 12.0, "time_s": 30.0}
+        if after is not None:
+            e["relearn"] = {"asr_seen_after": after, "recovered_fraction": rec, "after_minus_retrain": after - 0.1}
+        e["distance"] = {
+            "to_poisoned": {"l2": 10 * d_p, "relative": d_p},
+            "to_retrain": {"l2": 10 * d_r, "relative": d_r},
+        }
+        return e
+
+    summary = {
+        "poisoned": entry(0.9, 0.95, None, 0.0, 0.05),
+        "retrain": entry(0.0, 0.1, None, 0.05, 0.0),
+        "rapidun@42": entry(0.1, 0.3, 0.25, 2.5e-5, 0.049),
+        "rapidun@43": entry(0.2, 0.5, 0.5, 3.0e-5, 0.049),
+        "uniform@42": entry(0.15, 0.8, None, 1e-4, 0.05),
+        "ga@42": entry(0.0, None, None, 1e-3, 0.05),  # no relearning attack: in the table, not the plot
+    }
+    doc = {"schema": "rapidun.verification/1", "config": {"quant_bits": [8]}, "split": "test", "target": "scenario"}
+    return doc | {"poisoned": "poisoned", "reference": "retrain", "summary": summary, "file": "verification.json"}
+
+
+def test_removal_frontier_plot_is_a_deterministic_png():
+    from rapidun.reporting.plots import FrontierPoint, removal_frontier
+
+    pts = [
+        FrontierPoint("poisoned", 0.0, 0.9, asr_before=0.95, kind="poisoned"),
+        FrontierPoint("retrain", 1200.0, 0.1, asr_before=0.02, kind="retrain"),
+        FrontierPoint("ga", 30.0, 0.6, 0.1, 0.05),
+        FrontierPoint("npo", 12.0, 0.3, None, None),
+    ]
+    png = removal_frontier(pts)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert removal_frontier(list(pts)) == png  # equal input, equal bytes
+    assert removal_frontier(pts[2:]) != png  # linear axis (30 vs 12 s), no cost-0 point
+    for one in ([FrontierPoint("only", 5.0, 0.4)], [FrontierPoint("poisoned", 0.0, 0.9, kind="poisoned")]):
+        assert removal_frontier(one, title="one").startswith(b"\x89PNG")
+
+
+def test_frontier_rows_group_seeds_per_method_with_their_cost():
+    from rapidun.reporting.verify_tables import frontier_rows
+
+    report = {"methods": {"rapidun": {"mean": {"time_s": 40.0}}, "uniform": {"mean": {"time_s": 20.0}}}}
+    rows = {r.label: r for r in frontier_rows(_verification(), report["methods"], {"retrain": {"train_time_s": 900}})}
+    assert list(rows) == ["poisoned", "retrain", "rapidun", "uniform", "ga"]
+    p, rt, r, u, ga = rows.values()
+    assert (p.kind, p.time_s, p.asr_after, p.asr_after_std, p.seeds) == ("poisoned", 0.0, 0.95, None, [])
+    assert (rt.kind, rt.time_s) == ("retrain", 900.0)
+    assert r.time_s == 40.0 and r.seeds == ["42", "43"]
+    assert r.asr_after == pytest.approx(0.4) and r.asr_before == pytest.approx(0.15)
+    assert r.asr_after_std == pytest.approx(math.sqrt(((0.3 - 0.4) ** 2 + (0.5 - 0.4) ** 2) / 1))  # ddof = 1
+    assert r.recovered == pytest.approx(0.375)
+    assert u.asr_after_std is None and u.recovered is None and u.time_s == 20.0
+    assert ga.asr_after is None and ga.time_s is None  # ga has no mean time_s here
+
+
+def test_report_draws_the_removal_frontier_and_the_distance_columns(tmp_path):
+    run = make_run(tmp_path / "run")
+    report = json.loads((run / "report.json").read_text())
+    report["verification"] = _verification()
+    (run / "report.json").write_text(json.dumps(report))
+    paths = render_report(run)
+    md = paths["md"].read_text(encoding="utf-8")
+    png = paths["removal_frontier"]
+    assert png == run / "plots" / "removal_frontier.png" and png.read_bytes().startswith(b"\x89PNG")
+    assert "](plots/removal_frontier.png)" in md
+    assert "verification.summary.LABEL.relearn.asr_seen_after" in md  # the caption names its source
+    # the frontier table: the method's measured unlearning time, mean ± std after the attack over its seeds
+    t = report["methods"]["rapidun"]["mean"]["time_s"]
+    assert f"| rapidun | {t:.1f} | 0.150 | 0.400 ± 0.141 | 0.375 | 42, 43 |" in md
+    assert "| retrain | 250.0 | 0.000 | 0.100 | — | — |" in md
+    assert "| poisoned | 0.0 | 0.900 | 0.950 | — | — |" in md
+    assert "Not plotted: ga (no relearning attack)." in md
+    # the headline table's weight distances (relative, tiny ones in scientific notation)
+    assert "L2 to poisoned | L2 to retrain" in md
+    row = next(line for line in md.splitlines() if line.startswith("| rapidun@42 |"))
+    assert "| 2.50e-05 | 0.049 |" in row
+    assert sum(isinstance(b, Figure) for b in report_blocks(run)) == 7

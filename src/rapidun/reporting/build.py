@@ -287,6 +287,39 @@ def timing_plot(run: RunData) -> list[Block]:
     return [Figure("timings", "Time per method", plots.timing_bars(bars, ordered), caption)]
 
 
+def frontier_plot(run: RunData, colors: dict[str, str]) -> list[Block]:
+    """The removal frontier: ASR after the relearning attack against the measured cost of each verified model.
+
+    Methods are averaged over their verified seeds (:func:`rapidun.reporting.verify_tables.frontier_rows`);
+    poisoned sits at cost 0 and retrain at its fine-tuning time. A figure and the table of its numbers.
+    """
+    from rapidun.reporting.verify_tables import frontier_rows, frontier_table
+
+    rows = frontier_rows(run.report.get("verification"), run.methods, run.models)
+    points, skipped = [], []
+    for r in rows:
+        if r.asr_after is None or r.time_s is None or not math.isfinite(r.time_s):
+            skipped.append(f"{r.label} ({'no relearning attack' if r.asr_after is None else 'no measured time'})")
+            continue
+        color = colors.get(r.label) if r.kind == "method" else None
+        points.append(plots.FrontierPoint(r.label, r.time_s, r.asr_after, r.asr_after_std, r.asr_before, r.kind, color))
+    if not points:
+        return [Note("Removal frontier skipped: no verified model with a relearning attack and a measured cost.")]
+    caption = (
+        "From report.json: y = verification.summary.LABEL.relearn.asr_seen_after (seen-trigger ASR after the "
+        "relearning attack; methods: mean over the verified seeds LABEL = METHOD@SEED, error bars = std), hollow = "
+        "summary.LABEL.asr_seen (before the attack); x = methods.METHOD.mean.time_s (measured unlearning time), "
+        "models.retrain.train_time_s for retrain, 0 for poisoned (left edge). Lower left: removed cheaply; a method "
+        "near poisoned's dotted line after the attack had hidden the behaviour, not removed it."
+    )
+    png = plots.removal_frontier(points)
+    out: list[Block] = [Figure("removal_frontier", "Removal frontier: cost vs ASR after relearning", png, caption)]
+    out.append(frontier_table(rows))
+    if skipped:
+        out.append(Note(f"Not plotted: {', '.join(skipped)}."))
+    return out
+
+
 def config_and_env(run: RunData) -> list[Block]:
     """The resolved config as YAML, the environment and the stage timings."""
     out: list[Block] = [Heading("Config and environment", 2, "config")]
@@ -326,6 +359,8 @@ def build(run: RunData) -> list[Block]:
         blocks += [
             Heading("Verification: did it really forget?", 2, "verification"),
             *_guard("Verification", lambda: verification_blocks(run.report.get("verification"))),
+            Heading("Removal frontier", 3),
+            *_guard("Removal frontier", lambda: frontier_plot(run, colors)),
         ]
     if run.report.get("trace"):
         from rapidun.reporting.trace_tables import traced_blocks

@@ -286,3 +286,77 @@ def timing_bars(bars: Sequence[tuple[str, dict[str, float]]], components: Sequen
     ax.grid(axis="y", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     return to_png(fig)
+
+
+@dataclass
+class FrontierPoint:
+    """One model of the removal frontier: what it cost to produce and how much behaviour a relearning attack finds.
+
+    Attributes:
+        label: the model or method name, written next to its marker.
+        time_s: measured cost of producing the model in seconds (poisoned: 0, drawn on the left edge).
+        asr_after: seen-trigger ASR after the relearning attack (mean over seeds).
+        asr_after_std: its std over seeds (error bar), or None.
+        asr_before: the model's own ASR before the attack (hollow marker, thin line up to ``asr_after``), or None.
+        kind: ``"poisoned"`` | ``"retrain"`` | ``"method"``.
+        color: the method's colour (the report's shared one); None: the references' grey, else the palette.
+    """
+
+    label: str
+    time_s: float
+    asr_after: float
+    asr_after_std: float | None = None
+    asr_before: float | None = None
+    kind: str = "method"
+    color: str | None = None
+
+
+def removal_frontier(points: Sequence[FrontierPoint], title: str = "Removal frontier") -> bytes:
+    """ASR after a relearning attack (y) against the measured cost of producing each model (x).
+
+    The lower left holds what removes the behaviour cheaply; retrain marks the cost of the exact answer and
+    poisoned (cost 0) the behaviour untouched, both drawn as dotted horizontal guides. A filled marker is the rate
+    after the attack (std error bar when given), a hollow one the model's own rate before it, joined by a thin line.
+    The x-axis is logarithmic when the positive costs span more than :func:`wide_range`'s ratio; a point at cost
+    ``≤ 0`` is then drawn on the left edge (``min positive / 3``) and annotated ``cost 0``.
+    """
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    methods = [p for p in points if p.kind not in REFERENCE_COLORS]
+    colors = dict(zip([p.label for p in methods], palette(len(methods)), strict=True))
+    pos = [p.time_s for p in points if p.time_s > 0 and math.isfinite(p.time_s)]
+    log_x = wide_range(pos)
+    hi = max(pos, default=1.0)
+    left = min(pos) / 3 if log_x else -0.04 * hi  # where cost-0 models are drawn (log axis) / the x limit (linear)
+    for p in points:
+        color = p.color or REFERENCE_COLORS.get(p.kind, colors.get(p.label, "C0"))
+        zero = not (p.time_s > 0 and math.isfinite(p.time_s))
+        x = (left if log_x else 0.0) if zero else p.time_s
+        ref = p.kind in REFERENCE_COLORS
+        if ref:
+            ax.axhline(p.asr_after, color=color, ls=":", lw=1.0, zorder=1)
+        if p.asr_before is not None and math.isfinite(p.asr_before):
+            ax.plot([x, x], [p.asr_before, p.asr_after], color=color, lw=0.8, alpha=0.7, zorder=2, clip_on=False)
+            ax.scatter([x], [p.asr_before], marker="s" if ref else "o", s=45, facecolor="white", edgecolor=color,
+                       linewidth=1.4, zorder=3, clip_on=False)  # fmt: skip
+        ax.errorbar([x], [p.asr_after], yerr=[_err(p.asr_after_std)], fmt="s" if ref else "o", ms=8, capsize=3,
+                    color=color, mec="black" if ref else color, zorder=4, clip_on=False)  # fmt: skip
+        text = f"{p.label} (cost 0)" if zero else p.label
+        ax.annotate(text, (x, p.asr_after), textcoords="offset points", xytext=(7, 5), fontsize=9, zorder=5)
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xlim(left, hi * 3)
+    else:
+        ax.set_xlim(left, hi * 1.15)
+    ys = [p.asr_after + _err(p.asr_after_std) for p in points]
+    ax.set_ylim(-0.03, max(1.0, *ys, 0.0) + 0.05)
+    ax.set_xlabel("measured cost of producing the model (s" + (", log" if log_x else "") + ")")
+    ax.set_ylabel("ASR seen after the relearning attack")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    handles = [
+        ax.scatter([], [], marker="o", s=45, color="#666666", label="after the attack (mean ± std over seeds)"),
+        ax.scatter([], [], marker="o", s=45, facecolor="white", edgecolor="#666666", label="before the attack"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    return to_png(fig)

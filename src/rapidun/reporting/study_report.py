@@ -7,6 +7,8 @@ split and reports the test split beside it. Usage::
     paths = render_study("runs/study")  # {"md": ..., "html": ..., "forest_<scenario>_<split>": plots/....png}
 
 Input: ``OUT_DIR/study.json`` (schema ``rapidun.study/1``). Optional fields that are missing or null render as ``–``.
+A scenario run with ``select_on: relearn`` also gets a "Removal under attack" section
+(:mod:`rapidun.reporting.study_robust_report`).
 """
 
 from __future__ import annotations
@@ -283,7 +285,9 @@ def scenario_blocks(name: str, sc: dict[str, Any], reference: str, factor: Any, 
         blocks += forest_figure(sc, split, reference, name, f"forest_{safe}_{split}")
     blocks += [Heading("Diagnostics", 3), *diagnostics_table(sc)]
     blocks += [Heading("Selection", 3), *selection_facts(sc, reference)]
-    return blocks
+    from rapidun.reporting.study_robust_report import robust_blocks  # (it imports this module's helpers)
+
+    return blocks + robust_blocks(name, sc, reference, safe)
 
 
 def study_blocks(study: dict[str, Any]) -> list[Block]:
@@ -300,6 +304,8 @@ def study_blocks(study: dict[str, Any]) -> list[Block]:
     scenarios = as_dict(study.get("scenarios"))
     settings = [f"metric {_text(sel.get('metric'))}", f"split {_text(sel.get('split'))}"]
     settings.append(f"perplexity factor {_num(sel.get('ppl_factor'), 2)}")
+    if sel.get("select_on"):
+        settings.append(f"select on {sel['select_on']}")
     blocks.append(
         Facts(
             [
@@ -350,9 +356,10 @@ def load_study(out_dir: str | Path) -> dict[str, Any]:
 
 
 def render_study(out_dir: str | Path) -> dict[str, Path]:
-    """Write ``study.md``, ``study.html`` and ``plots/forest_*.png`` into ``out_dir``, each atomically.
+    """Write ``study.md``, ``study.html``, ``plots/forest_*.png`` and (``select_on: relearn``)
+    ``plots/frontier_*.png`` into ``out_dir``, each atomically.
 
-    Forest plots in ``plots/`` that this study no longer produces are removed, so the folder holds no stale figure.
+    Plots of those names that this study no longer produces are removed, so the folder holds no stale figure.
 
     Args:
         out_dir: the study's output folder, holding ``study.json``.
@@ -374,7 +381,7 @@ def render_study(out_dir: str | Path) -> dict[str, Path]:
             tmp.write_bytes(fig.png)
         out[fig.name] = path
     drawn = set(out.values())
-    for stale in plot_dir.glob("forest_*.png"):
+    for stale in [*plot_dir.glob("forest_*.png"), *plot_dir.glob("frontier_*.png")]:
         if stale not in drawn:
             stale.unlink()
     out["md"] = root / "study.md"

@@ -3,6 +3,10 @@
 Both verify the two ends of the scale (``poisoned``, ``retrain``) with the same attacks as the models under test,
 so every figure has its yardstick: a method has really forgotten when the attacks bring the behaviour back no more
 than they do on retrain. Output: ``OUT/verify/<label>/<attack>.json`` (cells) and ``verification.json``.
+
+After the attacks, the weight-distance diagnostic (:mod:`rapidun.verify.distance`) puts each model's L2 distance
+to poisoned and to retrain into its summary entry (``distance``), cached per pair of model identities in
+``OUT/verify/<label>/distance.json``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import Any
 
 from rapidun.config import EvalConfig, ModelConfig, VerifyConfig, to_dict
 from rapidun.errors import RapidunError
-from rapidun.io import write_json
+from rapidun.io import read_json, stable_hash, write_json
 from rapidun.models import fingerprint, load_model, resolve_model_path
 from rapidun.verify.battery import Battery, summarise, verify_battery
+from rapidun.verify.distance import ENDS, StateDict, cpu_state, free_memory, model_distances
 from rapidun.verify.target import Target
 
 
@@ -65,6 +70,8 @@ def run_verification(
                     out / "verify" / label.replace("/", "_"))  # fmt: skip
         results[label] = verify_battery(b, list(vcfg.attacks))
     summary = summarise(results, poisoned if poisoned in results else None, reference if reference in results else None)
+    for label, dist in distances(models, poisoned, reference, mcfg, out).items():
+        summary[label]["distance"] = dist
     doc = {
         "schema": "rapidun.verification/1",
         "config": to_dict(vcfg),
@@ -78,6 +85,58 @@ def run_verification(
     }
     write_json(out / "verification.json", doc)
     return doc
+
+
+DISTANCE_VERSION = 1  # bump when the distance's definition changes: cached figures are then recomputed
+
+
+def merged_state(path: str, adapter: str | None, mcfg: ModelConfig) -> StateDict:
+    """The merged weights of ``path`` (+ ``adapter``) as CPU float32, the model itself dropped."""
+    model, _ = loader(path, adapter, mcfg)()
+    sd = cpu_state(model)
+    del model
+    free_memory()
+    return sd
+
+
+def distances(
+    models: dict[str, tuple[str, str | None]], poisoned: str | None, reference: str | None, mcfg: ModelConfig,
+    out: Path,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each model's weight distance to the poisoned model and to the reference, for :func:`run_verification`.
+
+    A figure is kept in ``out/verify/<label>/distance.json`` under
+    ``stable_hash({version, identity of the model, identity of the end})`` and reused while both identities hold;
+    only models with a missing figure are loaded (:func:`rapidun.verify.distance.model_distances`). Pairs that
+    failed (``{"error"}``) are not kept. The file's own ``key`` hashes the model's and both ends' identities.
+
+    Returns:
+        ``{label: {"to_poisoned": ..., "to_retrain": ...}}`` with the ends that are in ``models`` (empty if none).
+    """
+    ends = {part: end for part, end in zip(ENDS, (poisoned, reference), strict=True) if end and end in models}
+    if not ends:
+        return {}
+    ids = {label: identity(*models[label]) for label in models}
+    keys = {(label, part): stable_hash({"v": DISTANCE_VERSION, "model": ids[label], "end": ids[end]})
+            for label in models for part, end in ends.items()}  # fmt: skip
+    files = {label: out / "verify" / label.replace("/", "_") / "distance.json" for label in models}
+    docs = {label: read_json(f) if f.is_file() else {} for label, f in files.items()}
+    got: dict[str, dict[str, Any]] = {}
+    for label in models:
+        pairs = docs[label].get("pairs", {})
+        got[label] = {part: pairs[keys[label, part]]["distance"] for part in ends if keys[label, part] in pairs}
+    todo = [label for label in models if len(got[label]) < len(ends)]
+    fresh = model_distances(models, poisoned, reference, lambda p, a: merged_state(p, a, mcfg), todo)
+    for label, row in fresh.items():
+        pairs = dict(docs[label].get("pairs", {}))
+        for part, d in row.items():
+            got[label][part] = d
+            if "error" not in d:
+                pairs[keys[label, part]] = {"end": ends[part], "model": ids[label], "to": ids[ends[part]],
+                                            "distance": d}  # fmt: skip
+        key = stable_hash({"v": DISTANCE_VERSION, "model": ids[label], "ends": {p: ids[e] for p, e in ends.items()}})
+        write_json(files[label], {"schema": "rapidun.distance/1", "key": key, "pairs": pairs})
+    return {label: {part: got[label][part] for part in ends if part in got[label]} for label in models}
 
 
 def compare_models(
