@@ -234,14 +234,52 @@ def test_relearn_records_stay_outside_the_forget_pack_seeded_and_stratified():
 
     parts = parts_for_relearn()
     det = Detector(keywords=["x"], threshold=1.0)
-    target = scenario_target(parts, det, VerifyConfig(), EvalConfig(), ModelConfig())
-    assert [r.id for r in target.relearn_pool] == [f"p{i}" for i in range(3, 9)]
+    pools = {
+        s: scenario_target(parts, det, VerifyConfig(split=s), EvalConfig(), ModelConfig()) for s in ("test", "val")
+    }
+    ids = {s: [r.id for r in t.relearn_pool] for s, t in pools.items()}
+    # the pool outside the forget pack, split into disjoint halves, one record of each family in each
+    assert sorted(ids["test"] + ids["val"]) == [f"p{i}" for i in range(3, 9)] and not set(ids["test"]) & set(ids["val"])
+    for t in pools.values():
+        assert sorted(r.meta["trigger_family"] for r in t.relearn_pool) == ["x", "y", "z"]
+    target = pools["test"]
     got = relearn_records(target.relearn_pool, 3, seed=0)
     assert {r.id for r in got}.isdisjoint({"p0", "p1", "p2"})
     assert sorted(r.meta["trigger_family"] for r in got) == ["x", "y", "z"]
     assert [r.id for r in got] == [r.id for r in relearn_records(target.relearn_pool, 3, seed=0)]
-    with pytest.raises(RapidunError, match="only 6 poisoned training samples outside the forget pack"):
-        relearn_records(target.relearn_pool, 7, seed=0, what=target.relearn_what)
+    with pytest.raises(RapidunError, match="only 3 poisoned training samples outside the forget pack in the test half"):
+        relearn_records(target.relearn_pool, 4, seed=0, what=target.relearn_what)
+    with pytest.raises(RapidunError, match=r"relearn_k=4 but there are only 3 .* in the validation half"):
+        relearn_records(pools["val"].relearn_pool, 4, seed=0, what=pools["val"].relearn_what)
+
+
+def test_relearn_halves_disjoint_balanced_and_independent_of_order_and_attack_seed():
+    from rapidun.eval.detector import Detector
+    from rapidun.verify.target import relearn_halves, scenario_target
+
+    rng = random.Random(1)
+    for n in (0, 1, 2, 5, 12, 31):
+        pool = [
+            Record(id=f"q{rng.randrange(10**6)}-{i}", instruction="q", response="a",
+                   meta={"trigger_family": rng.choice(["a", "b", "c"])} if i % 7 else {})
+            for i in range(n)
+        ]  # fmt: skip
+        h = relearn_halves(pool)
+        test, val = [r.id for r in h["test"]], [r.id for r in h["val"]]
+        assert sorted(test + val) == sorted(r.id for r in pool) and not set(test) & set(val)
+        assert (len(test), len(val)) == ((n + 1) // 2, n // 2)
+        for fam in {str(r.meta.get("trigger_family")) for r in pool}:  # every family split evenly (±1)
+            k = [sum(str(r.meta.get("trigger_family")) == fam for r in h[s]) for s in ("test", "val")]
+            assert abs(k[0] - k[1]) <= 1, (n, fam, k)
+        shuffled = pool[:]
+        rng.shuffle(shuffled)
+        assert {s: [r.id for r in v] for s, v in relearn_halves(shuffled).items()} == {"test": test, "val": val}
+    # the attack's own seed (which k records it draws) does not move the halves
+    parts, det = parts_for_relearn(), Detector(keywords=["x"], threshold=1.0)
+    for split in ("test", "val"):
+        a, b = (scenario_target(parts, det, VerifyConfig(split=split, seed=s), EvalConfig(), ModelConfig())
+                for s in (0, 9))  # fmt: skip
+        assert [r.id for r in a.relearn_pool] == [r.id for r in b.relearn_pool]
 
 
 def test_summary_recovered_fraction_and_gaps_by_hand():

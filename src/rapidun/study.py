@@ -7,6 +7,9 @@ A study file (YAML)::
       n_seeds: 5                 # seed j: unlearn.seed + j, influence.seed + j (as `rapidun compare`)
       ppl_factor: 1.10           # matched utility: val clean perplexity ≤ factor × the poisoned model's
       n_boot: 2000
+      select_on: asr             # or relearn: choose on the ASR left after a relearning attack (below)
+      verify_seeds: 3            # relearn: the first N seeds of each label are attacked (≤ n_seeds)
+      verify_attacks: [relearn, forget_quality]   # relearn: the finalists' test battery
     scenarios:                   # each a run config (path relative to the study file) plus overrides
       - {name: demo, config: ../src/rapidun/configs/demo.yaml, overrides: [scenario.splits.val_seen_trig=80]}
     methods:                     # a registered name, or a label with a method and overrides
@@ -19,6 +22,14 @@ Selection is made on validation only: per scenario the label with the lowest mea
 whose mean validation clean perplexity stays within ``ppl_factor`` × the poisoned model's. Test figures are
 reported for every label, paired against the reference with bootstrap CIs and exact McNemar p-values,
 Holm-adjusted over the labels of a (scenario, split, metric) family.
+
+``select_on: relearn`` chooses on removal rather than on hiding (:mod:`rapidun.study_robust`): every label's first
+``verify_seeds`` seeds get the verification battery's relearning attack on the validation prompts (trained on the
+validation half of the relearning pool), the label with the lowest mean validation seen+OOD ASR *after the attack*
+within the same perplexity limit is selected, and the finalists (selected and reference) get the test battery
+(``verify_attacks``, the other half of the pool) with ``poisoned`` and ``retrain``, plus a paired test of the
+per-prompt hits after the attack. ``study.json`` then holds ``robust`` per scenario; every other key is as with
+``select_on: asr``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from rapidun.io import stable_hash, write_json
 from rapidun.methods import get_method
 from rapidun.pipeline import claim_out, finite_json, stage_base
 from rapidun.stats import holm
+from rapidun.study_robust import check_pools, check_scenario, check_settings, run_robust, selection_info
 
 SCHEMA = "rapidun.study/1"
 METHOD_SECTIONS = ("unlearn", "weighting", "influence")  # what a method entry may override
@@ -67,6 +79,9 @@ class StudySettings:
     n_seeds: int = 5
     ppl_factor: float = 1.10
     n_boot: int = 2000
+    select_on: str = "asr"  # "asr": validation ASR; "relearn": validation ASR after the relearning attack
+    verify_seeds: int = 3  # relearn: the first N seeds of each label are attacked on validation (≤ n_seeds)
+    verify_attacks: list = field(default_factory=lambda: ["relearn", "forget_quality"])  # relearn: finalists' test
 
 
 @dataclass
@@ -99,6 +114,7 @@ def load_study(path: str | Path) -> StudySpec:
     settings = from_dict(StudySettings, data.get("study"), f"{path}: study")
     if settings.n_seeds < 1 or settings.n_boot < 1 or settings.ppl_factor <= 0:
         raise RapidunError(f"{path}: study.n_seeds and n_boot must be >= 1 and ppl_factor > 0")
+    check_settings(settings, path)
     for key in ("scenarios", "methods"):
         if not isinstance(data.get(key) or [], list):
             raise RapidunError(f"study file {path}: '{key}' must be a list, got {type(data[key]).__name__}")
@@ -147,6 +163,8 @@ def load_study(path: str | Path) -> StudySpec:
             base = scenario_config(spec, sc)
         except RapidunError as e:
             raise RapidunError(f"{path}: scenario {sc.name}: {e}") from None
+        if settings.select_on == "relearn":
+            check_scenario(base, f"{path}: scenario {sc.name}")
         for i, m in enumerate(meths):
             try:
                 with_overrides(base, m.overrides, "overrides")
@@ -218,25 +236,36 @@ def tests_by_split(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def select(methods: dict[str, Any], ppl_limit: float | None, reference: str | None = None) -> tuple[str | None, str]:
+def select(
+    methods: dict[str, Any], ppl_limit: float | None, reference: str | None = None,
+    after: dict[str, float | None] | None = None,
+) -> tuple[str | None, str]:  # fmt: skip
     """The label with the lowest mean validation ``asr_trig`` within the validation perplexity limit (a tie goes
-    to ``reference``: a variant must do strictly better on validation to be chosen over it)."""
+    to ``reference``: a variant must do strictly better on validation to be chosen over it).
+
+    ``after`` (``select_on: relearn``): ``{label: mean validation asr_trig after the relearning attack}``; that
+    figure is then the one minimised, and a label without it (not attacked) cannot be selected.
+    """
     ok = []
     for label, m in methods.items():
         asr, ppl = m["val"]["mean"].get("asr_trig"), m["val"]["mean"].get("clean_ppl")
+        if after is not None:
+            asr = after.get(label)
         if asr is None:
             continue
         if ppl_limit is not None and (ppl is None or not ppl <= ppl_limit):  # NaN fails too
             continue
         ok.append((asr, label))
+    what = "validation ASR" if after is None else "validation ASR after the relearning attack"
     if not ok:
-        return None, "no label has validation ASR within the validation perplexity limit"
+        return None, f"no label has {what} within the validation perplexity limit"
     asr = min(a for a, _ in ok)
     best = [lab for a, lab in ok if a == asr]
     label = reference if reference in best else best[0]  # a tie goes to the reference, then the first listed
     ties = [lab for lab in best if lab != label]
+    what = "lowest mean validation ASR" if after is None else "lowest mean validation ASR after the relearning attack"
     return label, (
-        f"lowest mean validation ASR (seen+OOD pooled) {asr:.3f} among {len(ok)} of {len(methods)} labels within the "
+        f"{what} (seen+OOD pooled) {asr:.3f} among {len(ok)} of {len(methods)} labels within the "
         f"validation perplexity limit" + (f"; tied with {', '.join(ties)}" if ties else "")
     )
 
@@ -249,6 +278,8 @@ def run_scenario(spec: StudySpec, sc: StudyScenario, out: Path, overwrite: bool)
     base = stage_base(cfg, run_dir)
     parts, models, det, results = base["parts"], base["models"], base["det"], base["results"]
     poisoned = models["poisoned"]["path"]
+    if st.select_on == "relearn":  # both attack halves big enough, before any unlearning
+        check_pools(parts, det, cfg)
     before: dict[str, Any] = {}
     cells: dict[str, dict[str, Any]] = {m.label: {} for m in spec.methods}
     files: dict[str, list[Path]] = {m.label: [] for m in spec.methods}
@@ -283,13 +314,22 @@ def run_scenario(spec: StudySpec, sc: StudyScenario, out: Path, overwrite: bool)
     tests = tests_by_split(paired_tests(parts, files, st.reference, st.n_boot, metrics))
     pm = _model_stats(results["poisoned"])
     limits = {s: (st.ppl_factor * pm[s]["clean_ppl"] if pm[s]["clean_ppl"] else None) for s in ("val", "test")}
-    selected, reason = select(methods, limits["val"], st.reference)
-    return {
+    robust = None
+    if st.select_on == "relearn":
+        labels = {m.label: (m.method, list(cells[m.label])[: st.verify_seeds]) for m in spec.methods}
+        robust = run_robust(
+            st, cfg, run_dir, base, labels, lambda after: select(methods, limits["val"], st.reference, after)
+        )
+        selected, reason = robust.pop("selected"), robust.pop("reason")
+    else:
+        selected, reason = select(methods, limits["val"], st.reference)
+    rm = _model_stats(results["retrain"]) | {"train_time_s": results["retrain"].get("train_time_s")}
+    entry = {
         "config": str(sc.config),
         "overrides": list(sc.overrides),
         "run_dir": str(run_dir),
         "sizes": base["manifest"]["sizes"],
-        "models": {"poisoned": pm, "retrain": _model_stats(results["retrain"])},
+        "models": {"poisoned": pm, "retrain": rm},
         "ppl_limit": limits,
         "methods": methods,
         "tests": tests,
@@ -297,47 +337,66 @@ def run_scenario(spec: StudySpec, sc: StudyScenario, out: Path, overwrite: bool)
         "selected_reason": reason,
         "seeds": [seed_config(cfg, j).unlearn.seed for j in range(st.n_seeds)],
     }
+    return entry if robust is None else entry | {"robust": robust}
+
+
+def _verdict(t: dict[str, Any], ppl: float | None, lim: float | None, robust: bool) -> str:
+    """What a paired test result says (Holm p < 0.05), utility (the test perplexity limit) included."""
+    significant = t["p_holm"] is not None and t["p_holm"] < 0.05
+    sig = significant and t["diff"] < 0
+    within = lim is not None and ppl is not None and ppl <= lim
+    asr = "ASR after the attack" if robust else "ASR"
+    why = "" if robust else " (validation chose it for its perplexity)"
+    return (
+        f"a lower {asr} than the reference at matched utility."
+        if sig and within
+        else f"a lower {asr}; utility not checked (no perplexity limit)."
+        if sig and lim is None
+        else f"a lower {asr}, but over the perplexity limit."
+        if sig
+        else f"a significantly higher {asr} than the reference{why}."
+        if significant and t["diff"] > 0
+        else "not a significant difference from the reference."
+    )
 
 
 def decision(study: dict[str, Any]) -> str:
-    """A neutral summary of the selected label per scenario against the reference, on the test prompts."""
+    """A neutral summary of the selected label per scenario against the reference, on the test prompts.
+
+    A ``select_on: relearn`` scenario (``robust`` in its entry) says so: the choice was made on the validation ASR
+    after the relearning attack, and the test comparison is the paired one after the same attack on the test half
+    of the relearning pool (``robust.test_tests``).
+    """
     ref = study["reference"]
     lines = []
     for name, sc in study["scenarios"].items():
         sel = sc["selected"]
+        robust = "robust" in sc
+        who = "validation on the ASR after the relearning attack selects" if robust else "validation selects"
         if sel is None:
             lines.append(f"{name}: nothing selected ({sc['selected_reason']}).")
             continue
         if sel == ref:
-            lines.append(f"{name}: validation selects the reference {ref} itself; no weighted variant is chosen.")
+            other = "no other label" if robust else "no weighted variant"
+            lines.append(f"{name}: {who} the reference {ref} itself; {other} is chosen.")
             continue
-        t = sc["tests"]["test"].get(sel, {}).get("asr_trig")
+        if robust:
+            t = (sc["robust"].get("test_tests") or {}).get(sel, {}).get("asr_after")
+        else:
+            t = sc["tests"]["test"].get(sel, {}).get("asr_trig")
         ppl = sc["methods"][sel]["test"]["mean"].get("clean_ppl")
         lim = sc["ppl_limit"]["test"]
         if t is None:
-            lines.append(f"{name}: validation selects {sel}; no paired test result.")
+            lines.append(f"{name}: {who} {sel}; no paired test result.")
             continue
-        significant = t["p_holm"] is not None and t["p_holm"] < 0.05
-        sig = significant and t["diff"] < 0
-        within = lim is not None and ppl is not None and ppl <= lim
-        verdict = (
-            "a lower ASR than the reference at matched utility."
-            if sig and within
-            else "a lower ASR; utility not checked (no perplexity limit)."
-            if sig and lim is None
-            else "a lower ASR, but over the perplexity limit."
-            if sig
-            else "a significantly higher ASR than the reference (validation chose it for its perplexity)."
-            if significant and t["diff"] > 0
-            else "not a significant difference from the reference."
-        )
         p_s = "–" if t["p_holm"] is None else f"{t['p_holm']:.3g}"
         ppl_s = "–" if ppl is None else f"{ppl:.2f}"
         lim_s = "none" if lim is None else f"{lim:.2f}"
+        where = "after the same attack (test half of the relearning pool) " if robust else ""
         lines.append(
-            f"{name}: validation selects {sel}; on the test prompts its seen+OOD ASR minus {ref}'s is "
+            f"{name}: {who} {sel}; on the test prompts {where}its seen+OOD ASR minus {ref}'s is "
             f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], Holm-adjusted McNemar p {p_s}, "
-            f"test clean perplexity {ppl_s} (limit {lim_s}): {verdict}"
+            f"test clean perplexity {ppl_s} (limit {lim_s}): {_verdict(t, ppl, lim, robust)}"
         )
     return " ".join(lines)
 
@@ -371,7 +430,9 @@ def run_study(
             "ppl_factor": st.ppl_factor,
             "rule": f"lowest mean validation ASR (seen+OOD pooled) among the labels whose mean validation clean "
             f"perplexity is at most {st.ppl_factor:g} x the poisoned model's; test prompts are only reported",
-        },
+        }
+        if st.select_on == "asr"
+        else selection_info(st),
         "scenarios": {},
     }
     for sc in spec.scenarios:

@@ -7,7 +7,9 @@ For one model (``poisoned``, ``retrain`` or an unlearned model = poisoned + a me
   report; ``val`` to choose the attack's settings), and the per-prompt hits the fuzzing compares against.
 * ``relearn`` — a fresh LoRA (rank ``relearn_lora_r``) trained ``relearn_steps`` steps on ``relearn_k`` poisoned
   training samples that are **not** in the forget pack (seeded, stratified by family; all k in every step), then
-  measured again (:func:`relearn_records`, :func:`relearn`).
+  measured again (:func:`relearn_records`, :func:`relearn`). On a scenario the samples come from the
+  ``verify.split`` half of that pool (:func:`rapidun.verify.target.relearn_halves`): the validation attack (used to
+  choose) and the test attack (used to report) never share a record.
 * ``quantize`` — each of ``quant_bits``: weight-only round-to-nearest (:mod:`rapidun.verify.quantize`).
 * ``fuzz`` — the first ``fuzz_prompts`` seen-trigger prompts with their trigger perturbed (:mod:`.fuzz`).
 * ``forget_quality`` — the forget answers' log-likelihoods (for the KS test against the reference's) and the
@@ -50,7 +52,9 @@ from rapidun.verify.quantize import quantize_weights
 from rapidun.verify.target import Target
 
 ATTACKS = VERIFY_ATTACKS
-VERIFY_VERSION = 1  # bump when a cell's measurement changes: cached cells are then recomputed
+# Bump when a cell's measurement changes: cached cells are then recomputed. 2: the relearning pool split into
+# validation and test halves (rapidun.verify.target.relearn_halves).
+VERIFY_VERSION = 2
 MIN_DENOM = 0.05  # recovered fraction only when the model removed at least this much seen ASR
 
 
@@ -147,7 +151,8 @@ class Battery:
         v = self.vcfg
         settings: dict[str, Any] = {
             "base": {},
-            "relearn": {k: getattr(v, f"relearn_{k}") for k in ("k", "steps", "lr", "lora_r")} | {"seed": v.seed},
+            "relearn": {k: getattr(v, f"relearn_{k}") for k in ("k", "steps", "lr", "lora_r")}
+            | {"seed": v.seed, "pool": stable_hash([r.id for r in self.target.relearn_pool])},
             "quantize": {"bits": v.quant_bits, "group": v.quant_group_size, "backend": v.quant_backend},
             "fuzz": {"kinds": v.fuzz, "n": v.fuzz_prompts},
             "forget_quality": {"n": v.mia_heldout, "forget": [r.id for r in self.target.forget]},

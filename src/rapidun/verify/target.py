@@ -1,9 +1,17 @@
 """What the verification battery measures and attacks with (:class:`Target`): a scenario's splits
-(:func:`scenario_target`) or a user's probes and files (:func:`probe_target`)."""
+(:func:`scenario_target`) or a user's probes and files (:func:`probe_target`).
+
+The scenario's relearning attack draws from the poisoned training samples outside the forget pack, split once
+into two disjoint halves (:func:`relearn_halves`): the attack run on the validation prompts (``verify.split=val``,
+used to *choose*, e.g. ``rapidun study`` with ``select_on: relearn``) never trains on a record that the attack run
+on the test prompts (``verify.split=test``, used to *report*) trains on, so a choice cannot be tuned to the very
+samples the reported attack uses.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +33,30 @@ def split_names(split: str) -> tuple[str, str, str]:
     if split == "val":
         return "val_seen_trig", "val_ood_trig", "val_clean"
     raise RapidunError(f"verify.split={split!r}; choose 'test' (report) or 'val' (choose the attack settings)")
+
+
+RELEARN_SPLIT_SEED = 20250  # fixed, independent of verify.seed: the halves never move with the attack's seed
+HALF_NAMES = {"test": "test", "val": "validation"}
+
+
+def relearn_halves(pool: list[Record]) -> dict[str, list[Record]]:
+    """The relearning pool split into disjoint ``{"test": [...], "val": [...]}`` halves, the same for any order of
+    ``pool`` and any ``verify.seed``.
+
+    Per trigger family (``meta["trigger_family"]``; one group when absent), the records sorted by id are shuffled
+    with :data:`RELEARN_SPLIT_SEED`; the families are concatenated in sorted order and the records alternate
+    test, val, test, … So every family is split evenly (±1) and the test half gets ``ceil(n / 2)`` records.
+    """
+    rng = random.Random(RELEARN_SPLIT_SEED)
+    by_fam: dict[str, list[Record]] = {}
+    for r in sorted(pool, key=lambda r: r.id):
+        by_fam.setdefault(str(r.meta.get("trigger_family")), []).append(r)
+    order: list[Record] = []
+    for fam in sorted(by_fam):
+        recs = by_fam[fam]
+        rng.shuffle(recs)
+        order += recs
+    return {"test": order[0::2], "val": order[1::2]}
 
 
 def trig_eval(
@@ -109,16 +141,20 @@ class Target:
 def scenario_target(
     parts: dict[str, list[Record]], det: Detector, vcfg: VerifyConfig, ecfg: EvalConfig, mcfg: ModelConfig
 ) -> Target:
-    """The battery's target on a scenario: triggered prompts of ``verify.split``, poisoned training samples outside
-    the forget pack for the relearning attack, held-out poison for the membership test."""
+    """The battery's target on a scenario: triggered prompts of ``verify.split``; for the relearning attack, the
+    ``verify.split`` half (:func:`relearn_halves`) of the poisoned training samples outside the forget pack, so the
+    validation and test attacks never share a record; held-out poison for the membership test."""
     s_seen, _, s_clean = split_names(vcfg.split)
     forget_ids = {r.id for r in parts.get("forget", [])}
+    pool = relearn_halves([r for r in parts.get("train_poisoned", []) if r.id not in forget_ids])[vcfg.split]
+    other = "validation" if vcfg.split == "test" else "test"
     return Target(
         kind="scenario",
         evaluate=lambda m, t, d: trig_eval(m, t, parts, det, ecfg, mcfg, vcfg.split, d),
         hit=det.hit,
-        relearn_pool=[r for r in parts.get("train_poisoned", []) if r.id not in forget_ids],
-        relearn_what="poisoned training samples outside the forget pack",
+        relearn_pool=pool,
+        relearn_what=f"poisoned training samples outside the forget pack in the {HALF_NAMES[vcfg.split]} half of "
+        f"the relearning pool (verify.split={vcfg.split}; the {other} half is kept apart for the {other} attack)",
         forget=parts.get("forget", []),
         heldout=heldout_poisoned(parts, vcfg.mia_heldout),
         fuzz_records=parts.get(s_seen, [])[: vcfg.fuzz_prompts or None],
