@@ -79,8 +79,10 @@ def test_robust_settings_load_with_their_defaults(tmp_path):
          r"scenario a: verify\.relearn_k=23 but the validation half of the relearning pool holds 22 records"),
         ("study: {select_on: relearn}\n", "  splits: {val_seen_trig: 0, val_ood_trig: 0}\n",
          r"scenario a: select_on=relearn attacks on the validation prompts"),
+        ("study: {select_on: relearn, verify_test: some}\n", "", r"study\.verify_test='some'; choose 'finalists' or"),
     ],
-    ids=["select_on", "verify_seeds_over", "verify_seeds_0", "unknown_attack", "no_relearn", "pool", "no_val"],
+    ids=["select_on", "verify_seeds_over", "verify_seeds_0", "unknown_attack", "no_relearn", "pool", "no_val",
+         "verify_test"],
 )  # fmt: skip
 def test_robust_settings_refused_with_where_and_why(tmp_path, study, run, match):
     p = _write(tmp_path, study, run)
@@ -96,9 +98,32 @@ def test_shipped_robust_study_loads():
     assert s.select_on == "relearn" and 1 <= s.verify_seeds <= s.n_seeds and "relearn" in s.verify_attacks
     assert [sc.name for sc in spec.scenarios] == ["demo"]
     labels = {m.label: m for m in spec.methods}
-    assert list(labels)[:4] == ["uniform", "distill", "sam_uniform", "adv_uniform"]
-    assert labels["distill_aligned"].method == "distill"
-    assert labels["distill_aligned"].overrides == ["unlearn.distill_teacher=rapidun_aligned"]
+    assert set(labels) == {"distill_start", "distill", "uniform", "sam_uniform", "adv_uniform"}
+    assert labels["distill_start"].method == "distill"
+    assert labels["distill_start"].overrides == ["unlearn.distill_teacher=start"]
+    assert s.verify_test == "all"
+
+
+@pytest.mark.parametrize(("mode", "want"), [("all", {"a", "b", "uniform"}), ("finalists", {"b", "uniform"})])
+def test_verify_test_all_attacks_every_attacked_label_on_test(monkeypatch, mode, want):
+    import rapidun.study_robust as sr
+    from rapidun.study import StudySettings
+
+    val = {lab: {"skipped": None, "asr_after": x} for lab, x in (("uniform", 0.5), ("a", 0.4), ("b", 0.1))}
+    val["c"] = {"skipped": "no adapter", "asr_after": None}
+    monkeypatch.setattr(sr, "validation_attack", lambda *a: {"labels": val, "relearn_ids": [], "file": None})
+    seen = {}
+
+    def fake_test(cfg, run_dir, parts, det, models, finalists, *rest):
+        seen.update(finalists)
+        return {"test": {}, "test_models": {}, "test_tests": {}, "relearn_ids_test": [], "file": None}
+
+    monkeypatch.setattr(sr, "finalists_test", fake_test)
+    st = StudySettings(select_on="relearn", verify_test=mode, n_seeds=1, verify_seeds=1)
+    labels = {lab: ("uniform", ["42"]) for lab in val}
+    base = {"parts": {}, "det": None, "models": {"poisoned": {"path": "p"}}}
+    out = sr.run_robust(st, None, Path("."), base, labels, lambda after: ("b", "lowest"))
+    assert set(seen) == want and out["selected"] == "b" and set(out["finalists"]) == want
 
 
 # ---------------------------------------------------------------- the paired test after the attack, by hand

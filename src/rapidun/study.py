@@ -82,6 +82,7 @@ class StudySettings:
     select_on: str = "asr"  # "asr": validation ASR; "relearn": validation ASR after the relearning attack
     verify_seeds: int = 3  # relearn: the first N seeds of each label are attacked on validation (≤ n_seeds)
     verify_attacks: list = field(default_factory=lambda: ["relearn", "forget_quality"])  # relearn: finalists' test
+    verify_test: str = "finalists"  # relearn: the test battery on the finalists, or on "all" attacked labels (report)
 
 
 @dataclass

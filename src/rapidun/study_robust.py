@@ -10,7 +10,8 @@ on the *validation* prompts, and then reports the finalists under the *test* bat
    (:func:`rapidun.verify.target.relearn_halves`), so it never shares a record with the reported test attack.
    Labels without an adapter (``fisher``: the noise goes into the weights) are skipped with the reason.
 2. :func:`rapidun.study.select` with the mean validation seen+OOD ASR after the attack.
-3. :func:`finalists_test` — the selected label and the reference on the same seeds, with ``poisoned`` and
+3. :func:`finalists_test` — the selected label and the reference (``verify_test: all``: every attacked label, for
+   the report only) on the same seeds, with ``poisoned`` and
    ``retrain`` once, under the study's ``verify_attacks`` on ``verify.split=test`` (the test half of the pool),
    summarised by :func:`rapidun.verify.battery.summarise`; then the paired test of the per-prompt hits after the
    attack (and before it), selected vs reference, seeds paired by position (:func:`rapidun.stats.compare_hits`).
@@ -52,6 +53,8 @@ def check_settings(st: Any, path: Path) -> None:
     """
     if st.select_on not in SELECT_ON:
         raise RapidunError(f"{path}: study.select_on={st.select_on!r}; choose one of {list(SELECT_ON)}")
+    if st.verify_test not in ("finalists", "all"):
+        raise RapidunError(f"{path}: study.verify_test={st.verify_test!r}; choose 'finalists' or 'all'")
     bad = [a for a in st.verify_attacks if a not in VERIFY_ATTACKS]
     if bad:
         raise RapidunError(f"{path}: study.verify_attacks: unknown {bad}; choose from {list(VERIFY_ATTACKS)}")
@@ -335,7 +338,9 @@ def run_robust(
     val = validation_attack(cfg, run_dir, parts, det, models["poisoned"]["path"], labels)
     selected, reason = choose({lab: v["asr_after"] for lab, v in val["labels"].items()})
     attacked = [lab for lab, v in val["labels"].items() if v["skipped"] is None]
-    finalists = {lab: labels[lab][1] for lab in dict.fromkeys([selected, st.reference]) if lab in attacked}
+    # The test battery only reports: with verify_test "all" every attacked label gets it (the choice is made above).
+    shown = attacked if st.verify_test == "all" else list(dict.fromkeys([selected, st.reference]))
+    finalists = {lab: labels[lab][1] for lab in shown if lab in attacked}
     test = finalists_test(cfg, run_dir, parts, det, models, finalists, list(st.verify_attacks), selected,
                           st.reference, st.n_boot)  # fmt: skip
     return info | {
