@@ -5,7 +5,7 @@ Prints JSON. Usage: python benchmarks/unlearn_step.py [--draws 32] [--batch 1 4 
 For each batch size (draws per optimiser step) it times the same draws two ways, forward + backward of
 ``L = (1/B) Σ w_i ℓ_i`` (relabel+ascent on forget draws, CE on retain draws, mix 3:1):
 
-* ``one_forward`` — :func:`rapidun.train.step_losses`: every row the step needs (a forget draw's poisoned and
+* ``one_forward`` — :func:`rapidun.steps.step_losses`: every row the step needs (a forget draw's poisoned and
   clean answers, a retain draw's clean answer) in one padded forward pass;
 * ``per_row`` — the obvious version: one forward per row (as a reference implementation that runs the clean
   relabelling pass separately would do).
@@ -29,7 +29,8 @@ from rapidun.data.template import Encoded, collate, encode, format_prompt
 from rapidun.functional import per_sample_ce
 from rapidun.methods import losses
 from rapidun.models import attach_lora, load_model
-from rapidun.train import UItem, draw_schedule, step_losses, use_autocast
+from rapidun.steps import UItem, draw_schedule, step_losses
+from rapidun.train import use_autocast
 
 
 def main() -> None:

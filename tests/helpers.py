@@ -106,7 +106,7 @@ RETAIN_DATA = [
 def make_unlearn_items(tok, n_forget: int = len(FORGET_DATA), n_retain: int = len(RETAIN_DATA)):
     """Forget ``UItem``s (poisoned answer, clean when known) and retain ``UItem``s (clean answer) for ``tok``."""
     from rapidun.data.template import encode, format_prompt
-    from rapidun.train import UItem
+    from rapidun.steps import UItem
 
     def enc(prompt: str, answer: str):
         return encode(tok, format_prompt(tok, prompt), answer, 64, 32)

@@ -20,7 +20,8 @@ from rapidun.methods import get_method, views_kind
 from rapidun.methods.distill import delta_factors, lora_modules, reset_adapter
 from rapidun.methods.robust import adv_grads, sam_grads
 from rapidun.models import attach_lora
-from rapidun.train import row_stats, step_losses, unlearn_loop
+from rapidun.steps import row_stats, step_losses
+from rapidun.train import unlearn_loop
 
 CPU = torch.device("cpu")
 TARGETS = ["q_proj", "v_proj"]

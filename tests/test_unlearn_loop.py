@@ -18,7 +18,8 @@ from rapidun.functional import per_sample_ce_from_logits
 from rapidun.methods import REGISTRY, get_method
 from rapidun.methods.fisher import diagonal_fisher, fisher_forget, fisher_params, noise_std
 from rapidun.models import attach_lora
-from rapidun.train import NonFiniteLoss, draw_schedule, eval_ce, unlearn_loop
+from rapidun.steps import draw_schedule, eval_ce
+from rapidun.train import NonFiniteLoss, unlearn_loop
 from rapidun.unlearn import loreun_weights, method_weights, split_views
 
 CPU = torch.device("cpu")

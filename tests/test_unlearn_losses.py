@@ -16,7 +16,8 @@ from rapidun.errors import RapidunError
 from rapidun.functional import IGNORE, per_sample_ce
 from rapidun.methods import losses
 from rapidun.models import attach_lora
-from rapidun.train import draw_schedule, row_stats, step_losses, unlearn_loop
+from rapidun.steps import draw_schedule, row_stats, step_losses
+from rapidun.train import unlearn_loop
 from rapidun.unlearn import reference_logp
 
 CPU = torch.device("cpu")

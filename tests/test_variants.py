@@ -24,7 +24,8 @@ from rapidun.influence.exact import gram, normalize_blocks, objective_grads, raw
 from rapidun.influence.grads import select_params
 from rapidun.methods import REGISTRY, get_method
 from rapidun.models import attach_lora
-from rapidun.train import NonFiniteLoss, draw_schedule, unlearn_loop
+from rapidun.steps import draw_schedule
+from rapidun.train import NonFiniteLoss, unlearn_loop
 from rapidun.unlearn import method_weights
 from rapidun.weighting import coverage_scores, coverage_weights, effective_sample_size
 

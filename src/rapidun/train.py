@@ -17,7 +17,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +26,10 @@ from rapidun.config import SFTConfig, UnlearnConfig
 from rapidun.data.template import Batch, Encoded, collate, length_batches
 from rapidun.distributed import rank_world
 from rapidun.errors import RapidunError
-from rapidun.functional import per_sample_ce, per_sample_nll
+from rapidun.functional import per_sample_ce
 from rapidun.io import fault_point
-from rapidun.methods import losses
 from rapidun.methods.robust import stepper
+from rapidun.steps import UItem, draw_schedule, eval_ce, row_stats, step_losses
 
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, batch) -> (B,) per-sample losses
 
@@ -157,141 +156,6 @@ class NonFiniteLoss(RapidunError):
     def __init__(self, message: str, stats: dict[str, Any]) -> None:
         super().__init__(message)
         self.stats = stats
-
-
-@dataclass
-class UItem:
-    """One unlearning sample. Forget samples have ``poisoned`` and, when known, ``clean``; retain only ``clean``."""
-
-    id: str
-    group: str  # "forget" | "retain"
-    poisoned: Encoded | None
-    clean: Encoded | None
-
-
-def draw_schedule(
-    n_forget: int,
-    n_retain: int,
-    cfg: UnlearnConfig,
-    use_retain: bool,
-    p_forget: torch.Tensor | None = None,
-    p_retain: torch.Tensor | None = None,
-) -> list[tuple[str, int]]:
-    """The whole run's draws, ``epochs × draws_per_epoch`` pairs ``(group, index)``, seeded by ``cfg.seed``.
-
-    Each draw is a forget sample with probability ``mix_forget / (mix_forget + mix_retain)`` (1 without retain
-    samples), then an index within its group: uniform, or ``P(i) = p[i]`` when ``p_forget``/``p_retain`` is given
-    (importance sampling). Sampling with replacement at the configured mix, the same on every rank.
-    """
-    if n_forget == 0:
-        raise RapidunError("unlearning needs at least one forget sample")
-    if cfg.draws_per_epoch <= 0 or cfg.epochs <= 0:
-        raise RapidunError(f"unlearn.draws_per_epoch ({cfg.draws_per_epoch}) and epochs ({cfg.epochs}) must be > 0")
-    if cfg.mix_forget <= 0 or cfg.mix_retain < 0:
-        raise RapidunError(
-            f"unlearn.mix_forget must be > 0 and mix_retain >= 0 (got {cfg.mix_forget}, {cfg.mix_retain})"
-        )
-    total = cfg.epochs * cfg.draws_per_epoch
-    q_forget = 1.0 if not use_retain or n_retain == 0 else cfg.mix_forget / (cfg.mix_forget + cfg.mix_retain)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    is_forget = (torch.rand(total, generator=gen) < q_forget).tolist()
-    fi = _indices(n_forget, total, gen, p_forget, "p_forget")
-    ri = _indices(max(n_retain, 1), total, gen, p_retain if n_retain else None, "p_retain")
-    return [("forget", f) if flag else ("retain", r) for flag, f, r in zip(is_forget, fi, ri, strict=True)]
-
-
-def _indices(n: int, total: int, gen: torch.Generator, p: torch.Tensor | None, name: str) -> list[int]:
-    """``total`` indices in ``[0, n)``: uniform, or drawn with probabilities ``p`` (n,) (with replacement)."""
-    if p is None:
-        return torch.randint(n, (total,), generator=gen).tolist()
-    p = torch.as_tensor(p, dtype=torch.float64)
-    if p.shape != (n,) or not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
-        raise RapidunError(f"{name} must be {n} finite non-negative probabilities with a positive sum")
-    return torch.multinomial(p / p.sum(), total, replacement=True, generator=gen).tolist()
-
-
-def row_stats(model: Any, rows: list[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass over ``rows``: ``(ce (R,), logp (R,))`` — mean answer-token CE and summed log-probability."""
-    batch = collate(rows, pad_id).to(device)
-    nll_sum, n = per_sample_nll(model, batch.input_ids, batch.attention_mask, batch.labels)  # (R,), (R,)
-    return nll_sum / n.clamp_min(1), -nll_sum
-
-
-@torch.no_grad()
-def eval_ce(model: Any, rows: list[Encoded], pad_id: int, device: torch.device, batch_size: int = 32) -> torch.Tensor:
-    """(R,) mean answer-token CE of each row, without gradient (model put in eval mode and left there).
-
-    Rows are batched in length order (little padding); the result is in the input order.
-    """
-    model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    out = torch.zeros(len(rows))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        out[idx] = row_stats(model, [rows[i] for i in idx], pad_id, device)[0].float().cpu()
-    return out
-
-
-def step_losses(
-    model: Any,
-    draws: list[tuple[str, int]],
-    forget: list[UItem],
-    retain: list[UItem],
-    forget_loss: str,
-    cfg: UnlearnConfig,
-    pad_id: int,
-    device: torch.device,
-    ref_logp: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int, int]:
-    """(B,) per-sample losses of ``draws`` from ONE forward pass over all the rows they need.
-
-    Returns ``(losses (B,), rows, tokens)``: the losses and the size of the forward pass.
-
-    A forget draw needs its poisoned row, plus its clean row for ``relabel_ascent`` (when it has one and
-    ``descent_beta`` ≠ 0); a retain draw needs its clean row. Losses follow :mod:`rapidun.methods.losses`.
-    """
-    rows: list[Encoded] = []
-    f_pos, f_idx, f_rp, f_rc, f_has, r_pos, r_rc = [], [], [], [], [], [], []
-    for pos, (group, i) in enumerate(draws):
-        if group == "forget":
-            it = forget[i]
-            f_pos.append(pos)
-            f_idx.append(i)
-            f_rp.append(len(rows))
-            rows.append(it.poisoned)
-            want_clean = forget_loss == "relabel_ascent" and it.clean is not None and cfg.descent_beta != 0
-            f_has.append(want_clean)
-            if want_clean:
-                f_rc.append(len(rows))
-                rows.append(it.clean)
-            else:
-                f_rc.append(f_rp[-1])  # placeholder index, masked by f_has
-        else:
-            r_pos.append(pos)
-            r_rc.append(len(rows))
-            rows.append(retain[i].clean)
-    ce, logp = row_stats(model, rows, pad_id, device)  # (R,), (R,)
-    out = torch.zeros(len(draws), dtype=ce.dtype, device=ce.device)  # (B,)
-    if f_pos:
-        rp = torch.tensor(f_rp, device=ce.device)
-        if forget_loss == "relabel_ascent":
-            has = torch.tensor(f_has, device=ce.device)
-            lf = losses.relabel_ascent(
-                ce[torch.tensor(f_rc, device=ce.device)], ce[rp], has, cfg.ascent_alpha, cfg.descent_beta
-            )
-        elif forget_loss == "ascent":
-            lf = losses.ascent(ce[rp])
-        elif forget_loss == "npo":
-            if ref_logp is None:
-                raise RapidunError("npo needs the reference log-probabilities of the forget samples")
-            lf = losses.npo(logp[rp], ref_logp.to(ce.device)[torch.tensor(f_idx, device=ce.device)], cfg.npo_beta)
-        else:
-            raise RapidunError(f"unknown forget loss {forget_loss!r}")
-        out = out.index_put((torch.tensor(f_pos, device=ce.device),), lf)
-    if r_pos:
-        lr_ = losses.retain_ce(ce[torch.tensor(r_rc, device=ce.device)])
-        out = out.index_put((torch.tensor(r_pos, device=ce.device),), lr_)
-    return out, len(rows), sum(len(e.input_ids) for e in rows)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:

@@ -37,7 +37,8 @@ from rapidun.methods.fisher import fisher_forget
 from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
 from rapidun.receipt import NAME as RECEIPT
 from rapidun.receipt import make_receipt
-from rapidun.train import NonFiniteLoss, UItem, eval_ce, row_stats, unlearn_loop, use_autocast
+from rapidun.steps import UItem, eval_ce, row_stats
+from rapidun.train import NonFiniteLoss, unlearn_loop, use_autocast
 from rapidun.views import VIEWS, influence_views, make_items, split_views
 from rapidun.weighting import coverage_weights, rapidun_weights
 

@@ -37,7 +37,7 @@ from rapidun.influence.exact import gram, objective_grads
 from rapidun.io import atomic_path, read_json, stable_hash, write_json
 from rapidun.models import fingerprint, resolve_model_path
 from rapidun.stats import pearson, spearman
-from rapidun.train import UItem
+from rapidun.steps import UItem
 from rapidun.weighting import rapidun_weights
 
 VIEWS = ("FF", "FR", "RF", "RR")

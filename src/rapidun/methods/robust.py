@@ -1,7 +1,7 @@
 """Robust variants of one unlearning step: gradients that still hold after a push back toward the behaviour.
 
 Both take the step's draws, split the weighted loss ``L = (1/B) Σ_i w_i·ℓ_i`` into its forget part ``L_f`` and
-retain part ``L_r`` (same per-sample losses as :func:`rapidun.train.step_losses`) and leave in ``p.grad`` the
+retain part ``L_r`` (same per-sample losses as :func:`rapidun.steps.step_losses`) and leave in ``p.grad`` the
 gradient the optimiser then applies (clipping and the step happen in :func:`rapidun.train.unlearn_loop`):
 
 * :func:`sam_grads` — sharpness-aware unlearning (Fan et al., ICML 2025): the forget objective is taken at the
@@ -29,7 +29,7 @@ import torch
 from rapidun.config import UnlearnConfig
 
 Draws = list[tuple[str, int]]
-# (draws) -> ((B',) per-sample losses of those draws, rows, tokens): rapidun.train.step_losses, all else bound
+# (draws) -> ((B',) per-sample losses of those draws, rows, tokens): rapidun.steps.step_losses, all else bound
 LossOf = Callable[[Draws], tuple[torch.Tensor, int, int]]
 
 

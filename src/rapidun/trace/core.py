@@ -123,7 +123,7 @@ def baselines(
     model: Any, tok: Any, corpus: list[Record], probes: list[Record], mcfg: ModelConfig
 ) -> dict[str, np.ndarray]:
     """Scores of the text and loss baselines, ``{"bm25": (N,), "loss": (N,)}`` (higher = more suspect)."""
-    from rapidun.train import eval_ce
+    from rapidun.steps import eval_ce
 
     docs = [f"{r.instruction} {r.context} {r.response}" for r in corpus]
     queries = [f"{p.instruction} {p.context} {p.response}" for p in probes]

@@ -45,7 +45,8 @@ from rapidun.eval.evaluate import rate
 from rapidun.eval.generate import generate
 from rapidun.io import fault_point, read_json, stable_hash, write_json
 from rapidun.models import attach_lora, cache_root
-from rapidun.train import eval_ce, train
+from rapidun.steps import eval_ce
+from rapidun.train import train
 from rapidun.verify.forget_quality import auc, ks_perm_test
 from rapidun.verify.fuzz import fuzz_prompts
 from rapidun.verify.quantize import quantize_weights
