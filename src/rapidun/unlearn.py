@@ -237,7 +237,7 @@ def unlearn(
             stats = unlearn_loop(
                 model, forget, retain, u, method.forget_loss, method.retain, w_f, w_r, pad, device,
                 ref_logp=ref, refresh=refresh, refresh_every=every, desc=f"unlearn:{method.name}",
-                p_forget=p_f, p_retain=p_r,
+                p_forget=p_f, p_retain=p_r, robust=method.robust,
             )  # fmt: skip
             result["complete"] = True
         except NonFiniteLoss as e:
