@@ -72,6 +72,10 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     if method.kind == "retrain":
         raise RapidunError("'retrain' is the SFT reference: build it with `rapidun poison` or `rapidun run`")
     parts, packs = _unlearn_inputs(args, cfg)
+    from rapidun.cover import check_corpus, needs_corpus
+
+    if needs_corpus(args.method, cfg.unlearn.distill_teacher):
+        check_corpus(parts)  # the user's files hold no corpus to search: refused before anything is written
     if method.kind == "fisher" and not parts.get("val_clean"):
         raise RapidunError(
             "fisher calibrates its noise on held-out clean records: pass a --retain file larger than the retain "

@@ -65,21 +65,23 @@ def retrain_projection(retrain_train: dict[str, Any], epochs: int = 2) -> dict[s
 
 def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, list[Record]], det: Detector) -> str:
     """Everything a (method, seed) cell's result depends on; a change re-runs the cell."""
-    infl = bool(views_kind(name, cfg.unlearn.distill_teacher))
-    return stable_hash(
-        {
-            "metrics_version": METRICS_VERSION,
-            "method": name,
-            "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
-            "weighting": to_dict(cfg.weighting) if infl else None,
-            "influence": to_dict(cfg.influence) if infl else None,
-            "model": fingerprint(poisoned_path),
-            "model_cfg": to_dict(cfg.model),
-            "eval": to_dict(cfg.eval),
-            "keywords": det.keywords,
-            "parts": stable_hash({k: [r.to_json() for r in v] for k, v in parts.items()}),
-        }
-    )
+    m = get_method(name)
+    infl = bool(views_kind(name, cfg.unlearn.distill_teacher)) or bool(m.expand)  # cover traces with influence
+    key = {
+        "metrics_version": METRICS_VERSION,
+        "method": name,
+        "unlearn": {k: v for k, v in to_dict(cfg.unlearn).items() if k != "methods"},
+        "weighting": to_dict(cfg.weighting) if infl else None,
+        "influence": to_dict(cfg.influence) if infl else None,
+        "model": fingerprint(poisoned_path),
+        "model_cfg": to_dict(cfg.model),
+        "eval": to_dict(cfg.eval),
+        "keywords": det.keywords,
+        "parts": stable_hash({k: [r.to_json() for r in v] for k, v in parts.items()}),
+    }
+    if m.expand:  # cover's pack depends on the tracing settings (other methods' keys stay as they were)
+        key["trace"] = to_dict(cfg.trace)
+    return stable_hash(key)
 
 
 def seed_config(cfg: RunConfig, j: int) -> RunConfig:
@@ -126,7 +128,7 @@ def run_cell(
     method can run under several settings side by side (``rapidun study``).
     """
     fault_point("compare:cell")
-    get_method(name)
+    m = get_method(name)
     label = label or name
     rel = f"seeds/{seed}/methods/{label}"
     key = method_key(cfg, name, poisoned, parts, det) + ("" if label == name else f"-{stable_hash(label, 8)}")
@@ -140,7 +142,8 @@ def run_cell(
     views = views_of(kind) if kind else None
     with PeakMemory() as peak:
         merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
-        before["losses"] = res["audit_before"]
+        if not m.expand:  # cover's losses are those of its own, grown packs: not the next cell's
+            before["losses"] = res["audit_before"]
         metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, label)
         del merged
     metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind

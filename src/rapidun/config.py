@@ -229,6 +229,7 @@ METHOD_NAMES = (
     "distill",
     "sam_uniform",
     "adv_uniform",
+    "cover",
     "retrain",
 )
 DISTILL_TEACHERS = ("start",)  # besides the registered loop/fisher methods: the start model itself as the teacher
@@ -301,6 +302,11 @@ class UnlearnConfig:
         1.2,
         "adv_*: skip the forget update of a step whose retain draws' CE is above budget × their CE at the start "
         "(0 = no budget)",
+    )
+    cover_max: int = _f(
+        0,
+        "cover: most corpus records tracing may flag (robust z >= trace.auto_z, most suspect first) to join the "
+        "given forget pack (0 = 4 x the given pack)",
     )
 
 

@@ -182,6 +182,7 @@ CHECKS: dict[str, Check] = {
     "unlearn.adv_steps": COUNT,
     "unlearn.adv_lr": POSITIVE,
     "unlearn.adv_retain_budget": NON_NEGATIVE,
+    "unlearn.cover_max": NON_NEGATIVE,
     "compare.n_seeds": COUNT,
     "compare.n_boot": COUNT,
     "verify.attacks": Check(

@@ -139,7 +139,8 @@ def unlearn(
 
     Args:
         method_name: a registered method (not ``retrain``, which is the SFT reference).
-        parts: scenario splits; uses ``forget``, ``retain`` and (Fisher) ``val_clean``.
+        parts: scenario splits; uses ``forget``, ``retain``, (Fisher) ``val_clean`` and (``cover``) ``train_poisoned``,
+            ``train_clean``, ``val_seen_trig`` (:mod:`rapidun.cover`).
         model_path: the poisoned model.
         cfg: the run config (``unlearn``, ``weighting``, ``influence``, ``model``).
         out: folder for ``adapter/``, ``weights.jsonl``, ``audit.jsonl``, ``result.json`` (None: write nothing).
@@ -159,6 +160,12 @@ def unlearn(
         raise RapidunError("'retrain' is the SFT reference model, built by `rapidun run`, not an unlearning run")
     u = cfg.unlearn
     timings: dict[str, float] = {}
+    cover = None
+    if method.expand:  # cover: the packs grow by what tracing the corpus flags, so earlier losses do not apply
+        from rapidun.cover import cover_parts
+
+        parts, cover = cover_parts(parts, model_path, cfg)
+        timings["cover_s"], before = cover["time_s"], None
     t = time.perf_counter()
     model, tok, info = load_model(model_path, cfg.model.device, cfg.model.dtype)
     device = torch.device(info["device"])
@@ -203,6 +210,8 @@ def unlearn(
     timings["mapping_s"] = time.perf_counter() - t
 
     result: dict[str, Any] = {"method": method.name, "summary": method.summary, "device": info["device"]}
+    if cover is not None:
+        result["cover"] = cover
     if method.kind == "distill":
         model, dres = _distill(model, parts, model_path, cfg, views, before, retain, pad, device)
         timings["teacher_s"] = dres["teacher_s"]
@@ -268,6 +277,7 @@ def unlearn(
         )
         timings["influence_retrieval_s"] = float(st["retrieval_s"])
     timings["time_s"] = infl_s + timings["mapping_s"] + timings["training_s"] + timings.get("teacher_s", 0.0)
+    timings["time_s"] += timings.get("cover_s", 0.0)  # cover: the tracing that chose its pack
     result["timings"] = timings
     result["influence_cached"] = bool(views.get("cached")) if (views is not None and method.needs_influence) else None
     result["weights"] = {

@@ -132,8 +132,12 @@ def compare_user(
     methods = [m for m in cfg.unlearn.methods if m != "retrain"]
     if not methods:
         raise RapidunError("unlearn.methods names no unlearning method (retrain is a model here: --retrain-model)")
+    from rapidun.cover import NEEDS_CORPUS, needs_corpus
+
     for m in methods:
         get_method(m)
+        if needs_corpus(m, cfg.unlearn.distill_teacher):
+            raise RapidunError(f"unlearn.methods: {m}: {NEEDS_CORPUS}")
     ref = cfg.compare.reference
     if ref not in methods:
         raise RapidunError(

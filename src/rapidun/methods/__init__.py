@@ -42,6 +42,9 @@ class Method:
             ``unlearn.dynamic_every`` steps.
         robust: the loop's step: ``""`` (plain), ``"sam"`` (sharpness-aware) or ``"adv"`` (against a relearning
             adversary); :mod:`rapidun.methods.robust`.
+        expand: where the forget pack comes from: ``""`` (as given) or ``"trace"`` (the given pack ∪ the corpus
+            records that tracing flags for the behaviour, the flagged ones out of the retain pack; needs a
+            scenario's corpus and validation probes, :mod:`rapidun.cover`).
     """
 
     name: str
@@ -54,6 +57,7 @@ class Method:
     sampling: str = "uniform"
     dynamic: bool = False
     robust: str = ""
+    expand: str = ""
 
     @property
     def needs_influence(self) -> bool:
@@ -115,6 +119,11 @@ REGISTRY: dict[str, Method] = {
         Method(
             "adv_uniform", "loop", "relabel_ascent", True, "uniform",
             "uniform against a forked adversary relearning the forget set (unlearn.adv_*)", robust="adv",
+        ),
+        Method(
+            "cover", "loop", "relabel_ascent", True, "uniform",
+            "uniform on the given pack + every corpus record tracing flags for the behaviour (unlearn.cover_max)",
+            expand="trace",
         ),
         Method("retrain", "retrain", "", False, "uniform", "LoRA fine-tune of the base model on clean data only"),
     )
