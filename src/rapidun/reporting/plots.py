@@ -328,6 +328,7 @@ def removal_frontier(points: Sequence[FrontierPoint], title: str = "Removal fron
     log_x = wide_range(pos)
     hi = max(pos, default=1.0)
     left = min(pos) / 3 if log_x else -0.04 * hi  # where cost-0 models are drawn (log axis) / the x limit (linear)
+    placed: list[tuple[float, float, int]] = []  # (x, y, line) of the labels so far: near ones take other lines
     for p in points:
         color = p.color or REFERENCE_COLORS.get(p.kind, colors.get(p.label, "C0"))
         zero = not (p.time_s > 0 and math.isfinite(p.time_s))
@@ -342,7 +343,13 @@ def removal_frontier(points: Sequence[FrontierPoint], title: str = "Removal fron
         ax.errorbar([x], [p.asr_after], yerr=[_err(p.asr_after_std)], fmt="s" if ref else "o", ms=8, capsize=3,
                     color=color, mec="black" if ref else color, zorder=4, clip_on=False)  # fmt: skip
         text = f"{p.label} (cost 0)" if zero else p.label
-        ax.annotate(text, (x, p.asr_after), textcoords="offset points", xytext=(7, 5), fontsize=9, zorder=5)
+        span = (math.log10(hi * 3) - math.log10(left)) if log_x else hi * 1.2
+        pos_x = math.log10(x) if log_x else x
+        taken = {lv for px, py, lv in placed if abs(pos_x - px) < 0.12 * span and abs(p.asr_after - py) < 0.06}
+        level = min(k for k in range(len(placed) + 1) if k not in taken)  # the first free line below the point
+        placed.append((pos_x, p.asr_after, level))
+        ax.annotate(text, (x, p.asr_after), textcoords="offset points", xytext=(7, 5 - 12 * level), fontsize=9,
+                    zorder=5)  # fmt: skip
     if log_x:
         ax.set_xscale("log")
         ax.set_xlim(left, hi * 3)
