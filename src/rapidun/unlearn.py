@@ -29,8 +29,6 @@ from rapidun.data.template import encode_records
 from rapidun.diagnostics import cell_diagnostics
 from rapidun.distributed import is_main
 from rapidun.errors import RapidunError
-from rapidun.influence.exact import gram, objective_grads
-from rapidun.influence.grads import select_params
 from rapidun.io import atomic_path, write_json, write_jsonl
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
@@ -39,6 +37,7 @@ from rapidun.receipt import NAME as RECEIPT
 from rapidun.receipt import make_receipt
 from rapidun.steps import UItem, eval_ce, row_stats
 from rapidun.train import NonFiniteLoss, unlearn_loop, use_autocast
+from rapidun.unlearn_variants import distill_run, dynamic_refresh
 from rapidun.views import VIEWS, influence_views, make_items, split_views
 from rapidun.weighting import coverage_weights, rapidun_weights
 
@@ -213,7 +212,11 @@ def unlearn(
     if cover is not None:
         result["cover"] = cover
     if method.kind == "distill":
-        model, dres = _distill(model, parts, model_path, cfg, views, before, retain, pad, device)
+
+        def teach() -> tuple[Any, Any, dict[str, Any]]:
+            return unlearn(u.distill_teacher, parts, model_path, cfg, None, views, before)
+
+        model, dres = distill_run(model, teach, retain, cfg, pad, device)
         timings["teacher_s"] = dres["teacher_s"]
         timings["training_s"] = dres["time_s"]
         result |= {"distill": dres, "train": dres["train"], "complete": dres["complete"]}
@@ -368,76 +371,6 @@ def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind
         f"the forget records' loss moved only {100 * rel:.1f}% ({b:.3f} -> {a:.3f}), less than "
         f"{100 * MIN_FORGET_CHANGE:.0f}%: this run barely changed the model; {fix}"
     )
-
-
-def dynamic_refresh(forget: list[UItem], retain: list[UItem], pad: int, cfg: RunConfig) -> Any:
-    """``rapidun_dynamic``'s refresh: the forget weights from exact influence at the *current* adapter.
-
-    Gradients of the SFT losses (as the sketches of ``rapidun``) w.r.t. the unlearning adapter's own LoRA
-    parameters (trained so far, so A and B both carry gradient), per-tensor normalised; ``M = G Gᵀ`` over
-    forget+retain; the RapidUn chain on its views; the new forget weights (retain weights stay).
-    """
-    f_rows = [it.poisoned for it in forget]
-    r_rows = [it.clean for it in retain]
-
-    def refresh(model: Any) -> torch.Tensor:
-        pset = select_params(model, "lora")
-        G, _ = objective_grads(
-            model, pset, f_rows, [None] * len(f_rows), r_rows, pad, "sft",
-            normalize=cfg.influence.normalize, batch_size=cfg.influence.batch_size,
-        )  # fmt: skip
-        v = split_views(gram(G, cfg.influence.mode), len(f_rows))
-        return rapidun_weights(v["FF"], v["FR"], v["RF"], v["RR"], cfg.weighting)["w_forget"]
-
-    return refresh
-
-
-def _distill(
-    start: Any,
-    parts: dict[str, list[Record]],
-    model_path: str,
-    cfg: RunConfig,
-    views: dict[str, Any] | None,
-    before: dict[str, list[float | None]],
-    retain: list[UItem],
-    pad: int,
-    device: torch.device,
-) -> tuple[Any, dict[str, Any]]:
-    """``distill``: the teacher (``unlearn.distill_teacher`` run by :func:`unlearn`, writing nothing; or the start
-    model itself), then :func:`rapidun.methods.distill.distill` on ``start`` + a fresh adapter.
-
-    Returns:
-        ``(student PEFT model, stats)`` with ``teacher`` (its method, timings, audit means, held-out check),
-        ``teacher_s`` (its measured time, influence included), the distillation's statistics and ``complete``.
-    """
-    import copy
-
-    from rapidun.methods.distill import distill
-
-    u = cfg.unlearn
-    name = u.distill_teacher
-    if name == "start":
-        teacher, tinfo, teacher_s = copy.deepcopy(start), {"method": "start"}, 0.0
-    else:
-        teacher, _, tres = unlearn(name, parts, model_path, cfg, None, views, before)
-        teacher_s = tres["timings"]["time_s"]
-        tinfo = {k: tres.get(k) for k in ("method", "timings", "audit_means", "heldout", "complete", "warnings")}
-    teacher.eval()
-    base_path = u.distill_base or cfg.model.name
-    t0 = time.perf_counter()
-    base, _, _ = load_model(base_path, cfg.model.device, cfg.model.dtype)
-    base_load_s = time.perf_counter() - t0  # like the start model's load, not part of the method's time
-    student = attach_lora(start, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
-    stats = distill(student, teacher, base, [it.clean for it in retain], u, pad, device)
-    del base, teacher
-    stats |= {
-        "teacher": tinfo,
-        "teacher_s": teacher_s,
-        "base_load_s": base_load_s,
-        "base": base_path,
-        "complete": bool(tinfo.get("complete", True)),
-    }
-    return student, stats
 
 
 def _summary(w: torch.Tensor) -> dict[str, float]:

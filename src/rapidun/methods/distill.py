@@ -13,7 +13,8 @@ fine-tuning find the way back. UNDO moves the weights away, then restores the wa
 2. **Distil.** The student's adapter is trained for ``distill_steps`` steps to match the teacher's (the
    unlearned model's) next-token distributions on the clean retain records: per-sample forward KL
    ``(1/|A_i|) Σ_t KL(p_teacher,t ‖ p_student,t)`` over answer positions (:func:`rapidun.functional.per_sample_kl`),
-   in :func:`rapidun.train.train`. The behaviour to remove never appears in that data, so it is not re-taught.
+   in the SFT loop :func:`rapidun.train.train`. The behaviour to remove never appears in that data, so it is not
+   re-taught.
 
 The result is still an adapter on the start model (the student's), so every later stage (merge, verify) is the
 same as for any other method. Cost: the teacher's unlearning, the SVDs and the S distillation steps (each one
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +34,6 @@ from rapidun.config import SFTConfig, UnlearnConfig
 from rapidun.data.template import Batch, Encoded
 from rapidun.errors import RapidunError
 from rapidun.functional import answer_logits, per_sample_kl
-from rapidun.train import train
 
 PEFT_PREFIX = "base_model.model."
 
@@ -166,6 +167,7 @@ def distill(
     u: UnlearnConfig,
     pad_id: int,
     device: torch.device,
+    fit: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
     """Perturb ``student`` (a PEFT model: the start model + a fresh adapter) toward ``base`` and distil ``teacher``.
 
@@ -176,6 +178,7 @@ def distill(
         rows: the clean records distilled on (encoded with their clean answers).
         u: the ``unlearn`` settings (``distill_*``, ``lora_r``, ``seed``, ``autocast``, ``grad_clip``).
         pad_id: tokenizer pad id. device: where the models are.
+        fit: the training loop, :func:`rapidun.train.train` (passed in: methods sit below the loops).
 
     Returns:
         Measured statistics: ``perturb_s`` (SVDs and reset), ``delta`` (norms, residual fraction), ``train`` (the
@@ -193,7 +196,7 @@ def distill(
         lr=u.distill_lr, epochs=math.ceil(u.distill_steps / steps_per_epoch), batch_size=u.distill_batch_size,
         warmup_ratio=0.0, grad_clip=u.grad_clip, seed=u.seed, autocast=u.autocast, weight_decay=u.weight_decay,
     )  # fmt: skip
-    stats = train(student, rows, scfg, pad_id, device, loss_fn=kl_loss(teacher), desc="distill")
+    stats = fit(student, rows, scfg, pad_id, device, loss_fn=kl_loss(teacher), desc="distill")
     return {
         "perturb_s": perturb_s,
         "delta": info,
