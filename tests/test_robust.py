@@ -340,3 +340,15 @@ def test_distill_refuses_a_base_of_another_shape(world, tmp_path, monkeypatch):
                              "unlearn.lora_targets=[q_proj,v_proj]"])  # fmt: skip
     with pytest.raises(RapidunError, match="not the base"):
         unlearn("distill", distill_parts(), str(world / "start"), cfg, None)
+
+
+def test_distill_warnings_name_its_own_settings():
+    from rapidun.unlearn import forget_change_warning, heldout_warning
+
+    h = heldout_warning({"ppl_ratio": 2.15, "n": 40, "ce_before": 1.39, "ce_after": 2.16}, 1e-3, "distill")
+    assert "distill" in h and "fisher" not in h and "never saw" in h
+    means = {"forget_ce_poisoned_before": 1.0, "forget_ce_poisoned_after": 1.01}
+    w = forget_change_warning(means, 1e-3, True, "distill")
+    assert "distill_base" in w and "fisher" not in w
+    assert "fisher_alphas" in heldout_warning({"ppl_ratio": 2.0, "n": 4, "ce_before": 1.0, "ce_after": 1.7}, 1e-3,
+                                              "fisher")  # fmt: skip

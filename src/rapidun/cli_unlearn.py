@@ -138,7 +138,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         print(f"warning: {w}", file=sys.stderr)
     if not res.get("complete", True):
         raise RapidunError(f"{res['stopped']} (outputs written to {out})")
-    files = ["adapter/" if method.kind == "loop" else None, "weights.jsonl", "audit.jsonl", "result.json"]
+    files = ["adapter/" if (out / "adapter").is_dir() else None, "weights.jsonl", "audit.jsonl", "result.json"]
     files += ["receipt.json"] + (["packs.json"] if packs is not None else [])
     files += ["merged/"] if cfg.unlearn.merge else []
     print(f"written to {out}: " + ", ".join(f for f in files if f))

@@ -361,12 +361,11 @@ def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind
     rel = abs(a - b) / b
     if rel >= MIN_FORGET_CHANGE:
         return None
-    fix = (
-        f"raise unlearn.lr (now {lr:g}; the demo uses 5e-4 with unlearn.batch_size=4) or unlearn.epochs / "
-        "unlearn.draws_per_epoch"
-        if kind == "loop"
-        else "raise unlearn.fisher_alphas"
-    )
+    fix = {
+        "loop": f"raise unlearn.lr (now {lr:g}; the demo uses 5e-4 with unlearn.batch_size=4) or unlearn.epochs / "
+        "unlearn.draws_per_epoch",
+        "distill": "check unlearn.distill_base (the model this one was fine-tuned from?) and unlearn.distill_alpha",
+    }.get(kind, "raise unlearn.fisher_alphas")
     return (
         f"the forget records' loss moved only {100 * rel:.1f}% ({b:.3f} -> {a:.3f}), less than "
         f"{100 * MIN_FORGET_CHANGE:.0f}%: this run barely changed the model; {fix}"
@@ -434,11 +433,13 @@ def heldout_warning(heldout: dict[str, Any] | None, lr: float, kind: str) -> str
     """
     if heldout is None or heldout["ppl_ratio"] <= MAX_HELDOUT_PPL_RATIO:
         return None
-    fix = (
-        f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`"
-        if kind == "loop"
-        else "lower unlearn.fisher_alphas"
-    )
+    fix = {
+        "loop": f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`",
+        "distill": "distill starts the model again from its base, so records the start model was trained on lose "
+        "their memorised fit too: if these held-out records were in its training data (a --retain file of training "
+        "records), check on records it never saw (`rapidun eval --probes`); else raise unlearn.distill_steps or "
+        "lower unlearn.distill_alpha",
+    }.get(kind, "lower unlearn.fisher_alphas")
     return (
         f"the held-out clean records' perplexity rose {heldout['ppl_ratio']:.2f}x ({heldout['n']} records, CE "
         f"{heldout['ce_before']:.3f} -> {heldout['ce_after']:.3f}), more than {MAX_HELDOUT_PPL_RATIO:.2f}x: the "
