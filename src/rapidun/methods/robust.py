@@ -48,6 +48,28 @@ def split_loss(
     return wl[is_f].sum() / denom, wl[~is_f].sum() / denom, rows, tokens, ell
 
 
+def forget_grad_at(
+    move: Callable[[], None],
+    loss_of: LossOf,
+    params: list[torch.nn.Parameter],
+    forget: Draws,
+    weight: Callable[[str, int], float],
+    denom: int,
+) -> tuple[int, int]:
+    """Accumulate ``∇L_f`` taken after ``move()`` changed ``params`` in place, then restore them bit for bit
+    (θ + ε − ε is not θ in floating point). Returns the extra forward pass's ``(rows, tokens)``."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        move()
+        lf, _, rows, tokens, _ = split_loss(loss_of, forget, weight, denom)
+        _backward(lf, params)
+    finally:
+        with torch.no_grad():
+            for p, s0 in zip(params, saved, strict=True):
+                p.copy_(s0)
+    return rows, tokens
+
+
 def _backward(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
     """Accumulate ``∇loss`` into ``p.grad`` (a no-op for a loss that does not depend on ``params``)."""
     if loss.requires_grad:
@@ -77,18 +99,14 @@ def sam_grads(
     g_f = torch.autograd.grad(lf, params, retain_graph=True, allow_unused=True)
     _backward(lr_, params)
     norm = torch.sqrt(sum((g.float().square().sum() for g in g_f if g is not None), torch.zeros(())))
-    saved = [p.detach().clone() for p in params]  # restored bit for bit (θ + ε − ε is not θ in floating point)
-    with torch.no_grad():
-        for p, g in zip(params, g_f, strict=True):
-            if g is not None and norm > 0:
-                p.add_(((rho / norm) * g).to(p.dtype))
-    try:
-        lf2, _, r2, t2, _ = split_loss(loss_of, forget, weight, denom)
-        _backward(lf2, params)
-    finally:
+
+    def ascend() -> None:
         with torch.no_grad():
-            for p, s0 in zip(params, saved, strict=True):
-                p.copy_(s0)
+            for p, g in zip(params, g_f, strict=True):
+                if g is not None and norm > 0:
+                    p.add_(((rho / norm) * g).to(p.dtype))
+
+    r2, t2 = forget_grad_at(ascend, loss_of, params, forget, weight, denom)
     return {"loss": loss, "rows": rows + r2, "tokens": tokens + t2, "forget_grad_norm": float(norm)}
 
 
@@ -132,8 +150,8 @@ def adv_grads(
         skipped = ratio is not None and ratio > budget
     if not forget or skipped:
         return {"loss": loss, "rows": rows, "tokens": tokens, "skipped": skipped}
-    saved = [p.detach().clone() for p in params]
-    try:
+
+    def relearn() -> None:
         for _ in range(steps):
             la = relearn_of(forget)
             grads = torch.autograd.grad(la, params, allow_unused=True)
@@ -141,12 +159,8 @@ def adv_grads(
                 for p, g in zip(params, grads, strict=True):
                     if g is not None:
                         p.sub_(step_size * g.sign().to(p.dtype))
-        lf2, _, r2, t2, _ = split_loss(loss_of, forget, weight, denom)
-        _backward(lf2, params)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+
+    r2, t2 = forget_grad_at(relearn, loss_of, params, forget, weight, denom)
     return {"loss": loss, "rows": rows + r2, "tokens": tokens + t2, "skipped": False}
 
 
