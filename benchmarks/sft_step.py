@@ -30,7 +30,7 @@ def main() -> None:
     model = attach_lora(model, s.lora_r, s.lora_alpha, 0.0, s.lora_targets, 0)
     T = args.prompt + args.answer
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tok), (args.batch, T), generator=g)  # (B, T)
+    ids = torch.randint(0, len(tok), (args.batch, T), generator=g).to(info["device"])  # (B, T)
     labels = ids.clone()
     labels[:, : args.prompt] = IGNORE
     mask = torch.ones_like(ids)

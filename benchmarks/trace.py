@@ -75,7 +75,7 @@ def _retrieval_child(n: int, K: int, q: int, k: int, folder: str, res: mp.Queue)
     probes = torch.randn(q, K) / K**0.5
     start = rss_mb()
     t0 = time.perf_counter()
-    with PeakMemory(interval=0.01) as mem:
+    with PeakMemory(interval=0.01, device="cpu") as mem:  # retrieval runs on the CPU
         stream_scores(cache.iter_rows(ids), probes, n, k)
     dt = time.perf_counter() - t0
     res.put({"records": n, "s": dt, "records_per_s": n / dt, "start_mb": start, "peak_mb": mem.peak_mb})

@@ -64,7 +64,11 @@ def main() -> None:
             if g == "forget":
                 it = forget[i]
                 ce_p, ce_c = (_ce_alone(model, e, pad, device) for e in (it.poisoned, it.clean))
-                out.append(losses.relabel_ascent(ce_c, ce_p, torch.tensor([True]), u.ascent_alpha, u.descent_beta))
+                out.append(
+                    losses.relabel_ascent(
+                        ce_c, ce_p, torch.tensor([True], device=device), u.ascent_alpha, u.descent_beta
+                    )
+                )
             else:
                 out.append(losses.retain_ce(_ce_alone(model, retain[i].clean, pad, device)))
         return torch.cat(out)

@@ -196,3 +196,10 @@ def test_evaluate_adds_rouge_and_forget_perplexities(env, tmp_path):  # noqa: F8
                 nll, n = per_sample_nll(model, ids, torch.ones_like(ids), torch.tensor([s.labels]))
             total, count = total + float(nll), count + int(n)
         assert m[f"forget_ppl_{key}"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_peak_memory_device_choice():
+    """device='cpu' measures resident memory even where CUDA is present (retrieval runs on the CPU there)."""
+    assert PeakMemory(device="cpu").kind == "cpu_rss_sampled"
+    assert PeakMemory(device="cuda").kind == "cuda_allocated"
+    assert PeakMemory().kind == ("cuda_allocated" if torch.cuda.is_available() else "cpu_rss_sampled")

@@ -27,12 +27,18 @@ class PeakMemory:
     largest resident set size seen by a sampling thread (every ``interval`` s) and at entry/exit
     (``kind = "cpu_rss_sampled"``): the whole process, so the model weights the stage holds are included; a
     spike shorter than the interval can be missed. ``peak_mb`` is None where neither is available.
+
+    Args:
+        interval: seconds between RSS samples (CPU kind).
+        device: ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``: force the CPU kind for code that runs
+            on the CPU in a process that also sees a GPU (e.g. streaming retrieval over a sketch cache).
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, device: str = "auto") -> None:
         self.interval = interval
         self.peak_mb: float | None = None
-        self.kind = "cuda_allocated" if torch.cuda.is_available() else "cpu_rss_sampled"
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        self.kind = "cuda_allocated" if use_cuda else "cpu_rss_sampled"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
