@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format install clean gemma
+.PHONY: demo test lint format install clean gemma tofu
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rapidun demo --out $(OUT)
+
+# TOFU (forget fictitious authors) on the embedded model: forget01 then forget05 (README "Forget a person: TOFU").
+tofu: $(STAMP)
+	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget01 scenario.forget_split=forget01
+	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget05 scenario.forget_split=forget05
 
 # A second real model end to end (Gemma-3-270m, Gemma Terms of Use; 45 min on 2 cores): not part of `make test`.
 gemma: $(STAMP)

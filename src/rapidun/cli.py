@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bo
     if any(getattr(args, k, None) for k in ("model_path", "forget", "retain", "probes")):
         return cmd_compare_user(args)
     cfg = _load(args, default_path)
+    if cfg.scenario.kind == "tofu":
+        return cmd_tofu(cfg, args)
     init_from_env()
     report = run(cfg, args.out, overwrite=args.overwrite, note=demo_note(cfg) if note else None)
     if is_main():
@@ -58,6 +60,20 @@ def cmd_run(args: argparse.Namespace, default_path: Path | None = None, note: bo
         for k in ("md", "html"):
             if k in report.get("files", {}):
                 print(f"report.{k}: {report['files'][k]}")
+
+
+def cmd_tofu(cfg: Any, args: argparse.Namespace) -> None:
+    """``compare`` on the TOFU scenario (``scenario.kind: tofu``, :mod:`rapidun.tofu`): single process."""
+    from rapidun.distributed import rank_world
+    from rapidun.tofu import run_tofu
+
+    if rank_world()[1] > 1:
+        raise RapidunError("the TOFU comparison runs in one process; start it without torchrun")
+    report = run_tofu(cfg, args.out, overwrite=args.overwrite)
+    md = Path(report["files"]["md"]).read_text(encoding="utf-8")
+    print(md.split("![", 1)[0].rstrip())
+    for k, v in report["files"].items():
+        print(f"report.{k}: {v}")
 
 
 def cmd_compare_user(args: argparse.Namespace) -> None:

@@ -115,6 +115,12 @@ class SplitSizes:
 
 @dataclass
 class ScenarioConfig:
+    kind: str = _f(
+        "backdoor",
+        "'backdoor' (the poisoned-corpus scenario, SPEC §1) or 'tofu' (delete fictitious authors, TOFU; README: "
+        "TOFU): the tofu kind uses forget_split and seed and ignores the backdoor fields",
+    )
+    forget_split: str = _f("forget05", "tofu: the authors to delete: 'forget01' (2 authors) or 'forget05' (10)")
     seed: int = _f(42, "seed for every random choice of the scenario")
     families: list = _f([], "trigger families (empty = SPEC defaults); each: name, position, seen, ood")
     splits: SplitSizes = field(default_factory=SplitSizes)
@@ -216,6 +222,8 @@ METHOD_NAMES = (
     "ga",
     "graddiff",
     "npo",
+    "simnpo",
+    "rmu",
     "loreun",
     "loreun_dynamic",
     "loreun_hard_high",
@@ -264,6 +272,26 @@ class UnlearnConfig:
     ascent_alpha: float = _f(1.0, "forget loss = descent_beta·CE(clean) − ascent_alpha·CE(poisoned)")
     descent_beta: float = _f(0.5, "see ascent_alpha (0 = pure ascent; also pure ascent without a clean answer)")
     npo_beta: float = _f(0.1, "NPO inverse temperature β")
+    simnpo_beta: float = _f(
+        2.5, "SimNPO inverse temperature β: forget loss = −(2/β)·log σ(β·CE(poisoned) − γ), CE the mean answer CE"
+    )
+    simnpo_gamma: float = _f(0.0, "SimNPO reward margin γ (see simnpo_beta; 0 = no margin)")
+    rmu_layer: int = _f(
+        7,
+        "RMU: the decoder layer L whose output hidden states are steered (hidden_states[L], 0 = embeddings; the "
+        "authors' 7 for a 7B model; must be at most the model's number of layers)",
+    )
+    rmu_steer: float = _f(
+        6.5,
+        "RMU: steering coefficient c; forget answer-token states at layer L are pushed toward c·u (u a random unit "
+        "vector seeded by unlearn.seed). It scales with the hidden-state norm at that layer: the authors use 6.5 "
+        "on Zephyr-7B and much larger values on models with larger activations",
+    )
+    rmu_alpha: float = _f(
+        10.0,
+        "RMU: weight α of the retain loss α·‖h_L − h_L(start model)‖²/d (the authors use hundreds to thousands on "
+        "7B models; 10 is an untuned choice for a ~135M model)",
+    )
     loreun_tau: float = _f(0.8, "LoReUn temperature: w ∝ exp(−ℓ/τ) (hard_high: exp(+ℓ/τ)), ℓ = CE(poisoned)")
     loreun_w_min: float = _f(0.5, "LoReUn weight bounds, applied to exp(∓ℓ/τ) / mean before renormalising")
     loreun_w_max: float = _f(3.0, "see loreun_w_min")

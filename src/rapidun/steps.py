@@ -13,7 +13,7 @@ import torch
 from rapidun.config import UnlearnConfig
 from rapidun.data.template import Encoded, collate
 from rapidun.errors import RapidunError
-from rapidun.functional import per_sample_nll
+from rapidun.functional import IGNORE, per_sample_nll
 from rapidun.methods import losses
 
 
@@ -106,7 +106,11 @@ def step_losses(
     Returns ``(losses (B,), rows, tokens)``: the losses and the size of the forward pass.
 
     A forget draw needs its poisoned row, plus its clean row for ``relabel_ascent`` (when it has one and
-    ``descent_beta`` ≠ 0); a retain draw needs its clean row. Losses follow :mod:`rapidun.methods.losses`.
+    ``descent_beta`` ≠ 0); a retain draw needs its clean row. Losses follow :mod:`rapidun.methods.losses`:
+    ``relabel_ascent``, ``ascent``, ``npo`` (needs ``ref_logp`` (N_f,)) and ``simnpo`` on the answer CE, retain
+    draws the clean CE; ``rmu`` on the hidden states of layer ``cfg.rmu_layer`` instead, forget and retain draws
+    alike (:func:`rmu_losses`: the same one pass over the rows, plus one no-grad pass of the start model over the
+    retain rows).
     """
     rows: list[Encoded] = []
     f_pos, f_idx, f_rp, f_rc, f_has, r_pos, r_rc = [], [], [], [], [], [], []
@@ -128,6 +132,9 @@ def step_losses(
             r_pos.append(pos)
             r_rc.append(len(rows))
             rows.append(retain[i].clean)
+    n_tokens = sum(len(e.input_ids) for e in rows)
+    if forget_loss == "rmu":
+        return rmu_losses(model, rows, f_pos, f_rp, r_pos, r_rc, len(draws), cfg, pad_id, device), len(rows), n_tokens
     ce, logp = row_stats(model, rows, pad_id, device)  # (R,), (R,)
     out = torch.zeros(len(draws), dtype=ce.dtype, device=ce.device)  # (B,)
     if f_pos:
@@ -143,10 +150,90 @@ def step_losses(
             if ref_logp is None:
                 raise RapidunError("npo needs the reference log-probabilities of the forget samples")
             lf = losses.npo(logp[rp], ref_logp.to(ce.device)[torch.tensor(f_idx, device=ce.device)], cfg.npo_beta)
+        elif forget_loss == "simnpo":
+            lf = losses.simnpo(ce[rp], cfg.simnpo_beta, cfg.simnpo_gamma)
         else:
             raise RapidunError(f"unknown forget loss {forget_loss!r}")
         out = out.index_put((torch.tensor(f_pos, device=ce.device),), lf)
     if r_pos:
         lr_ = losses.retain_ce(ce[torch.tensor(r_rc, device=ce.device)])
         out = out.index_put((torch.tensor(r_pos, device=ce.device),), lr_)
-    return out, len(rows), sum(len(e.input_ids) for e in rows)
+    return out, len(rows), n_tokens
+
+
+def layer_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """(B, T, d) hidden states of decoder layer ``layer`` (HF's ``hidden_states[layer]``: 0 = the embeddings, L = the
+    output of the L-th decoder layer; the last one is after the final norm, as HF returns it).
+
+    Runs the decoder only (no LM head), adapter included unless the caller disabled it.
+
+    Raises:
+        RapidunError: ``layer`` is not in 1..(the model's number of decoder layers), naming ``unlearn.rmu_layer``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+    if isinstance(n_layers, int) and not 1 <= layer <= n_layers:
+        raise RapidunError(_layer_message(layer, n_layers))
+    hs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    if not 1 <= layer < len(hs):
+        raise RapidunError(_layer_message(layer, len(hs) - 1))
+    return hs[layer]
+
+
+def _layer_message(layer: int, n_layers: int) -> str:
+    return (
+        f"unlearn.rmu_layer = {layer}: the model has {n_layers} decoder layers; choose a layer in 1..{n_layers} "
+        "(hidden_states[L], 0 = embeddings)"
+    )
+
+
+def rmu_losses(
+    model: Any,
+    rows: list[Encoded],
+    f_pos: list[int],
+    f_rows: list[int],
+    r_pos: list[int],
+    r_rows: list[int],
+    n_draws: int,
+    cfg: UnlearnConfig,
+    pad_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B,) RMU per-sample losses (Li et al. 2024, WMDP) of one step's rows, from layer ``L = cfg.rmu_layer``.
+
+    Forget draws: ``ℓ = (1/|A|) Σ_{t∈A} ‖h_L(x)_t − c·u‖² / d`` (:func:`losses.rmu_forget`, ``c = cfg.rmu_steer``,
+    ``u = losses.rmu_direction(cfg.seed, d)``); retain draws: ``ℓ = α·(1/|A|) Σ_{t∈A} ‖h_L(x)_t − h_L^0(x)_t‖² / d``
+    (:func:`losses.rmu_retain`, ``α = cfg.rmu_alpha``, ``h^0`` the start model: the adapter disabled). ``A`` is the
+    positions whose input token is an answer token (``labels != IGNORE``; labels are aligned with the inputs).
+
+    One pass with gradient over all ``rows`` and one no-grad pass with the adapter disabled over the retain rows
+    only (sliced from the same padded batch), both in the caller's autocast and train/eval mode, so the retain loss
+    is 0 at a fresh adapter (B = 0) — exactly, where the kernels' results do not depend on the batch size.
+
+    Args:
+        model: the PEFT model being trained (``disable_adapter`` is needed when there are retain rows).
+        rows: the step's rows (R).
+        f_pos: draw position of each forget draw; f_rows: its row index. r_pos, r_rows: the same for retain draws.
+        n_draws: B. cfg: the ``unlearn`` settings. pad_id: tokenizer pad id. device: where the model is.
+
+    Returns:
+        (B,) float32 per-sample losses.
+    """
+    batch = collate(rows, pad_id).to(device)
+    hidden = layer_hidden(model, batch.input_ids, batch.attention_mask, cfg.rmu_layer)  # (R, T, d)
+    mask = batch.labels != IGNORE  # (R, T) answer-token positions
+    out = torch.zeros(n_draws, dtype=torch.float32, device=hidden.device)  # (B,)
+    if f_pos:
+        fr = torch.tensor(f_rows, device=hidden.device)
+        u = losses.rmu_direction(cfg.seed, hidden.shape[-1])  # (d,)
+        lf = losses.rmu_forget(hidden[fr], mask[fr], u, cfg.rmu_steer)  # (F,)
+        out = out.index_put((torch.tensor(f_pos, device=hidden.device),), lf)
+    if r_pos:
+        if not hasattr(model, "disable_adapter"):
+            raise RapidunError("rmu: the retain loss needs the start model's states; attach the unlearning adapter")
+        rr = torch.tensor(r_rows, device=hidden.device)
+        with torch.no_grad(), model.disable_adapter():  # the retain rows of the same padded batch
+            frozen = layer_hidden(model, batch.input_ids[rr], batch.attention_mask[rr], cfg.rmu_layer)  # (N_r, T, d)
+        lr_ = losses.rmu_retain(hidden[rr], frozen, mask[rr], cfg.rmu_alpha)  # (N_r,)
+        out = out.index_put((torch.tensor(r_pos, device=hidden.device),), lr_)
+    return out

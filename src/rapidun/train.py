@@ -202,7 +202,7 @@ def unlearn_loop(
         model: a PEFT model whose trainable parameters are the fresh unlearning adapter.
         forget: forget samples. retain: retain samples (may be empty when ``use_retain`` is False).
         cfg: the ``unlearn`` settings.
-        forget_loss: ``"relabel_ascent"``, ``"ascent"`` or ``"npo"``.
+        forget_loss: ``"relabel_ascent"``, ``"ascent"``, ``"npo"``, ``"simnpo"`` or ``"rmu"`` (see :func:`step_losses`).
         use_retain: draw retain samples (else every draw is a forget sample).
         w_forget: (N_f,) weights. w_retain: (N_r,) weights.
         pad_id: tokenizer pad id. device: where the model is.

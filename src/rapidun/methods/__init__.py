@@ -22,8 +22,9 @@ class Method:
         name: registry name.
         kind: ``"loop"`` (the unlearning loop), ``"fisher"`` (noise injection), ``"distill"`` (a teacher method,
             then perturb-and-distil, :mod:`rapidun.methods.distill`) or ``"retrain"`` (SFT reference).
-        forget_loss: ``"relabel_ascent"`` (β_d·CE(clean) − α_a·CE(poisoned)), ``"ascent"`` (−CE(poisoned)) or
-            ``"npo"``; empty for non-loop kinds.
+        forget_loss: ``"relabel_ascent"`` (β_d·CE(clean) − α_a·CE(poisoned)), ``"ascent"`` (−CE(poisoned)),
+            ``"npo"``, ``"simnpo"`` or ``"rmu"`` (a representation loss; its retain loss is one too); empty for
+            non-loop kinds.
         retain: whether retain samples are drawn (loss CE on the clean answer). Without, every draw is a forget
             sample.
         weights: ``"uniform"`` (all 1), ``"rapidun"`` (influence weights), ``"random"`` (RapidUn's weights
@@ -76,6 +77,13 @@ REGISTRY: dict[str, Method] = {
         Method("ga", "loop", "ascent", False, "uniform", "gradient ascent on the poisoned answers only"),
         Method("graddiff", "loop", "ascent", True, "uniform", "ascent on forget + descent on retain"),
         Method("npo", "loop", "npo", True, "uniform", "negative preference optimisation + retain CE"),
+        Method(
+            "simnpo", "loop", "simnpo", True, "uniform", "SimNPO: reference-free, length-normalised NPO + retain CE"
+        ),
+        Method(
+            "rmu", "loop", "rmu", True, "uniform",
+            "RMU: forget activations at layer unlearn.rmu_layer steered to a random direction, retain ones kept",
+        ),
         Method("loreun", "loop", "relabel_ascent", True, "loreun", "LoReUn: lower-loss forget samples weigh more"),
         Method("loreun_dynamic", "loop", "relabel_ascent", True, "loreun_dynamic", "LoReUn, weights re-computed"),
         Method("loreun_hard_high", "loop", "relabel_ascent", True, "loreun_hard_high", "reversed LoReUn (authors)"),

@@ -1,0 +1,109 @@
+"""The TOFU scenario: its parts (sizes, disjointness, halves, perturbed answers) and the comparison end to end on
+a tiny model (report, scatter, learnability check, resumption)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import TINY_RUN, tiny_world
+from rapidun.data.records import asset_path
+from rapidun.data.tofu import QA_PER_AUTHOR, author_name, build_tofu, perturbed_answers
+from rapidun.errors import RapidunError
+
+
+@pytest.fixture(scope="module")
+def f05():
+    return build_tofu("forget05", 42)
+
+
+def test_parts_sizes_and_disjointness(f05):
+    p = f05
+    assert {k: len(v) for k, v in p.items()} == {
+        "full_train": 500, "retain_train": 300, "forget": 200, "retain": 300, "holdout": 200,
+        "real_authors": 100, "world_facts": 117, "val_clean": 150,
+    }  # fmt: skip
+    full = {r.id for r in p["full_train"]}
+    forget = {r.id for r in p["forget"]}
+    assert forget <= full and {r.id for r in p["retain_train"]} == full - forget
+    assert not ({r.id for r in p["holdout"]} & full)  # the membership attack's non-members were never trained on
+    assert {r.instruction for r in p["holdout"]}.isdisjoint({r.instruction for r in p["full_train"]})
+    f01 = build_tofu("forget01", 42)
+    assert len(f01["forget"]) == 40 and len(f01["retain_train"]) == 460
+    assert {r.id for r in f01["forget"]} <= forget  # forget01 is the last two authors of forget05
+    assert all(not r.meta for r in p["full_train"])  # training copies carry no evaluation metadata
+
+
+def test_halves_alternate_within_each_author(f05):
+    for r in f05["forget"]:
+        pos = int(r.id.removeprefix("tofu_f")) % QA_PER_AUTHOR
+        assert r.meta["half"] == ("val" if pos % 2 == 0 else "test")
+    halves = [r.meta["half"] for r in f05["retain"]]
+    assert halves.count("val") == halves.count("test") == 150
+
+
+def test_perturbed_answers_are_other_authors_facts_under_this_name(f05):
+    forget = f05["forget"]
+    assert all(len(r.meta["perturbed"]) == 3 and r.response not in r.meta["perturbed"] for r in forget)
+    named = [r for r in forget if r.meta["name"] in r.response]
+    with_name = sum(r.meta["name"].split()[0] in p for r in named for p in r.meta["perturbed"])
+    assert with_name / (3 * len(named)) > 0.6  # most donors named their author; the name was swapped in
+    other = {r.meta["name"] for r in forget}
+    for r in named:
+        for p in r.meta["perturbed"]:
+            for n in other - {r.meta["name"]}:
+                assert n not in p  # a donor's full name never survives the swap
+
+
+def test_deterministic_for_the_seed_and_idk_replacements():
+    a, b, c = build_tofu("forget01", 1), build_tofu("forget01", 1), build_tofu("forget01", 2)
+    assert [r.meta for r in a["forget"]] == [r.meta for r in b["forget"]]
+    assert [r.meta["perturbed"] for r in a["forget"]] != [r.meta["perturbed"] for r in c["forget"]]
+    idk = set(asset_path("tofu/idontknow.jsonl").read_text().splitlines())
+    assert all(r.meta["response_clean"] in idk for r in a["forget"])
+
+
+def test_author_name_by_hand():
+    qas = [
+        {"question": "Who is Jane Q. Doe?", "answer": "Jane Doe writes. Jane Doe's books sell."},
+        {"question": "What does Jane Doe write?", "answer": "The author Jane Doe writes poems."},
+    ]
+    assert author_name(qas) == "Jane Doe"
+    with pytest.raises(RapidunError, match="perturbed"):
+        perturbed_answers(qas[:1] * QA_PER_AUTHOR, ["Jane Doe"], 1, 0)  # one author: no donors
+    with pytest.raises(RapidunError, match="forget_split"):
+        build_tofu("forget10", 0)
+
+
+def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
+    model_dir, _ = tiny_world(tmp_path)
+    out = tmp_path / "out"
+    ov = [*TINY_RUN, f"model.name={model_dir}", "scenario.kind=tofu", "scenario.forget_split=forget01",
+          "sft.epochs=1", "sft.batch_size=16", "sft.lora_r=2", "sft.lora_targets=[q_proj,v_proj]", "sft.autocast=off",
+          "eval.max_new_tokens=2", "eval.batch_size=64", "unlearn.methods=[uniform,graddiff]", "compare.n_seeds=1",
+          "compare.reference=uniform",
+          "verify.relearn_k=2", "verify.relearn_steps=1", "verify.relearn_lora_r=2"]  # fmt: skip
+    env = {"RAPIDUN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rapidun.cli", "compare", "--config", "tofu", "--out", str(out), *ov]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "forget quality" in r.stdout and "report.md" in r.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["schema"] == "rapidun.tofu/1" and rep["scenario"]["forget_split"] == "forget01"
+    assert set(rep["methods"]) == {"uniform", "graddiff"}
+    for h in ("val", "test"):
+        t = rep["methods"]["uniform"][h]
+        assert 0 <= t["forget_quality"]["mean"] <= 1 and 0 <= t["model_utility"]["mean"] <= 1
+    assert rep["models"]["retain"]["test"]["forget_quality"] == pytest.approx(1.0)  # the reference vs itself
+    assert rep["models"]["retain"]["test"]["mink_auc_gap"] == 0.0
+    assert "ok" in rep["learnability"] and rep["selected"]["method"] in {"uniform", "graddiff"}
+    assert (out / "tofu_scatter.png").stat().st_size > 1000
+    cell = out / "cells" / "uniform_seed4" / "cell.json"
+    before = cell.stat().st_mtime_ns
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cell.stat().st_mtime_ns == before  # a rerun reuses the finished cell
