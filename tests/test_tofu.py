@@ -107,3 +107,17 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert cell.stat().st_mtime_ns == before  # a rerun reuses the finished cell
+    c = json.loads(cell.read_text())
+    assert set(c["quantize"]) == {"4"} and c["relearn"]["k"] == 2 and c["attack_s"] > 0
+    assert "int4" in rep["methods"]["uniform"] and "relearn" in rep["methods"]["graddiff"]
+    # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model
+    full = rep["models"]["full"]["train"]["path"]
+    vcmd = [sys.executable, "-m", "rapidun.cli", "verify", "--config", "tofu", "--model-path", full, "--adapter",
+            str(cell.parent / "adapter"), "--out", str(tmp_path / "v"), *ov]  # fmt: skip
+    r = subprocess.run(vcmd, capture_output=True, text=True, env=os.environ | env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TOFU verification (forget01" in r.stdout and "Verdict:" in r.stdout
+    doc = json.loads((tmp_path / "v" / "verification.json").read_text())
+    # the same model and data as the cell: the same scores (the verify path reloads the merged adapter)
+    assert doc["scores"]["test"]["forget_quality"] == pytest.approx(c["test"]["forget_quality"], rel=1e-6)
+    assert doc["scores"]["test"]["forget_prob"] == pytest.approx(c["test"]["forget_prob"], rel=1e-4)

@@ -258,6 +258,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     keys = ("model_path", "adapter", "scenario", "forget", "probes", "retain", "heldout", "regex", "keywords")
+    if cfg.scenario.kind == "tofu":  # TOFU's attacks and scores against its retain model (rapidun.tofu)
+        from rapidun.tofu import verify_tofu
+
+        verify_tofu(cfg, args.model_path, args.adapter, args.out, args.overwrite, identity(args, *keys))
+        return
     run_verify(args, cfg, identity(args, *keys, "poisoned", "reference"))
 
 

@@ -291,16 +291,41 @@ def _run_cell(
     eval_s = time.perf_counter() - t
     write_json(folder / "stats.json", st)
     cell: dict[str, Any] = {h or "all": scores(st, ref, h) for h in (*HALVES, None)}
-    t = time.perf_counter()
-    model, info = relearn_attack(model, tok, parts, cfg)
-    after = model_stats(model, tok, _forget_only(sets), cfg, f"relearn:{name}")
-    cell["relearn"] = _after_scores(after, ref) | {"steps": info["steps"], "k": len(info["ids"])}
-    cell["relearn_s"] = time.perf_counter() - t
+    cell.update(attacks(model, tok, parts, sets, cfg, ref, name))
     cell.update({"time_s": time_s, "eval_s": eval_s, "method": name, "seed": cfg.unlearn.seed})
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return cell
+
+
+def attacks(
+    model: Any, tok: Any, parts: dict[str, list[Record]], sets: dict[str, list[Record]], cfg: RunConfig,
+    ref: dict[str, Any], label: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``verify.attacks`` that apply to TOFU, each scored on the test-half forget QA: ``quantize`` (every
+    ``verify.quant_bits``, on a copy) and ``relearn`` (:func:`relearn_attack`; it changes ``model``, so it runs
+    last). Returns ``{"quantize": {bits: scores}, "relearn": scores, "attack_s": seconds}``."""
+    import copy
+
+    from rapidun.verify.quantize import quantize_weights
+
+    t = time.perf_counter()
+    out: dict[str, Any] = {}
+    if "quantize" in cfg.verify.attacks:
+        out["quantize"] = {}
+        for bits in cfg.verify.quant_bits:
+            q = copy.deepcopy(model)
+            quantize_weights(q, int(bits), cfg.verify.quant_group_size, cfg.verify.quant_backend)
+            st = model_stats(q, tok, _forget_only(sets), cfg, f"int{bits}:{label}")
+            out["quantize"][str(bits)] = _after_scores(st, ref)
+            del q
+    if "relearn" in cfg.verify.attacks:
+        model, info = relearn_attack(model, tok, parts, cfg)
+        after = model_stats(model, tok, _forget_only(sets), cfg, f"relearn:{label}")
+        out["relearn"] = _after_scores(after, ref) | {"steps": info["steps"], "k": len(info["ids"])}
+    out["attack_s"] = time.perf_counter() - t
+    return out
 
 
 def learnability(full: dict[str, Any], ret: dict[str, Any], split: str) -> dict[str, Any]:
@@ -333,7 +358,11 @@ def summarise(cells: dict[str, dict[str, Any]], models: dict[str, Any]) -> dict[
         e: dict[str, Any] = {"seeds": sorted(per_seed, key=int)}
         for h in (*HALVES, "all"):
             e[h] = {k: _ms([c[h][k] for c in per_seed.values()]) for k in SUMMARY_KEYS}
-        e["relearn"] = {k: _ms([c["relearn"][k] for c in per_seed.values()]) for k in ("forget_quality", "forget_prob")}
+        cs = list(per_seed.values())
+        if all("relearn" in c for c in cs):
+            e["relearn"] = {k: _ms([c["relearn"][k] for c in cs]) for k in ("forget_quality", "forget_prob")}
+        for bits in cs[0].get("quantize", {}):
+            e[f"int{bits}"] = {k: _ms([c["quantize"][bits][k] for c in cs]) for k in ("forget_quality", "forget_prob")}
         e["time_s"] = _ms([c["time_s"] for c in per_seed.values()])
         out[name] = e
     return out
@@ -354,3 +383,70 @@ def select(summary: dict[str, Any], models: dict[str, Any]) -> dict[str, Any] | 
     pool = ok or summary
     best = max(pool, key=lambda n: (pool[n]["val"]["forget_quality"]["mean"], pool[n]["val"]["model_utility"]["mean"]))
     return {"method": best, "within_utility": bool(ok), "utility_floor": floor, "on": "val"}
+
+
+def verify_tofu(
+    cfg: RunConfig, model_path: str, adapter: str | None, out: str | Path, overwrite: bool, ident: dict[str, Any]
+) -> dict[str, Any]:
+    """``rapidun verify --config tofu``: score one model (``model_path`` [+ ``adapter``], e.g. a cell's
+    ``cells/<method>_seed<s>/adapter`` on the full model) on the TOFU split against the retain model, then run
+    ``verify.attacks`` that apply (quantize, relearn; membership is in the scores). Writes ``verification.json``
+    and ``verification.md``; prints the markdown."""
+    from rapidun.finetune import finetune
+    from rapidun.models import with_adapter
+    from rapidun.pipeline import finite_json, mark_complete, prepare_out
+
+    out = prepare_out(out, cfg, overwrite, "verify", ident)
+    parts = build_tofu(cfg.scenario.forget_split, cfg.scenario.seed)
+    sets = eval_sets(parts)
+    ret = finetune(parts["retain_train"], cfg.model, cfg.sft, "tofu_retain_train")
+    rmodel, rtok, _ = load_model(ret["path"], cfg.model.device, cfg.model.dtype)
+    ref = model_stats(rmodel, rtok, sets, cfg, "eval:retain")
+    del rmodel
+    model, tok, _ = load_model(with_adapter(model_path, adapter), cfg.model.device, cfg.model.dtype)
+    st = model_stats(model, tok, sets, cfg, "eval:model")
+    doc: dict[str, Any] = {
+        "schema": "rapidun.tofu_verify/1",
+        "model": {"path": model_path, "adapter": adapter},
+        "split": cfg.scenario.forget_split,
+        "scores": {h or "all": scores(st, ref, h) for h in (*HALVES, None)},
+    }
+    doc.update(attacks(model, tok, parts, sets, cfg, ref, "model"))
+    t = doc["scores"]["test"]
+    lines = [
+        f"# TOFU verification ({doc['split']}, test half)",
+        "",
+        "| | forget quality | forget prob | forget ROUGE |",
+        "|---|---|---|---|",
+        f"| as given | {t['forget_quality']:.3g} | {t['forget_prob']:.3f} | {t['forget_rouge']:.3f} |",
+    ]
+    for bits, q in doc.get("quantize", {}).items():
+        lines.append(f"| int{bits} | {q['forget_quality']:.3g} | {q['forget_prob']:.3f} | {q['forget_rouge']:.3f} |")
+    if "relearn" in doc:
+        q = doc["relearn"]
+        lines.append(
+            f"| after relearning ({q['k']} QA, {q['steps']} steps) | {q['forget_quality']:.3g} | "
+            f"{q['forget_prob']:.3f} | {q['forget_rouge']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Model utility {t['model_utility']:.3f}; membership AUC Min-K% {t['mink_auc']:.3f} (retain model "
+        f"{t['mink_auc'] - t['mink_auc_gap']:.3f}), Min-K%++ {t['minkpp_auc']:.3f} (retain model "
+        f"{t['minkpp_auc'] - t['minkpp_auc_gap']:.3f}).",
+        "Verdict: "
+        + (
+            "forget quality stays >= 0.01 after relearning."
+            if doc.get("relearn", {}).get("forget_quality", 0.0) >= 0.01
+            else "relearning brings the authors back (forget quality < 0.01 after it)."
+            if "relearn" in doc
+            else "relearning not run (verify.attacks)."
+        ),
+    ]
+    md = "\n".join(lines) + "\n"
+    write_json(out / "verification.json", finite_json(doc))
+    from rapidun.io import write_text
+
+    write_text(out / "verification.md", md)
+    mark_complete(out)
+    print(md)
+    return doc
