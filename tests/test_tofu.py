@@ -121,3 +121,69 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     # the same model and data as the cell: the same scores (the verify path reloads the merged adapter)
     assert doc["scores"]["test"]["forget_quality"] == pytest.approx(c["test"]["forget_quality"], rel=1e-6)
     assert doc["scores"]["test"]["forget_prob"] == pytest.approx(c["test"]["forget_prob"], rel=1e-4)
+
+
+def _stats(rng, shift=0.0):
+    """Hand-made per-record statistics: forget/holdout/utility sets with both halves."""
+
+    def rows(n, pert=True, mia=False, shift=0.0):
+        out = []
+        for i in range(n):
+            e = {"id": str(i), "half": ("val", "test")[i % 2], "nll": float(rng.uniform(0.5, 2.0) - shift)}
+            if pert:
+                e["pert"] = [float(x) for x in rng.uniform(1.0, 3.0, size=3)]
+                e["rouge"] = float(rng.uniform(0, 1))
+            if mia:
+                e["mink"], e["minkpp"] = float(rng.normal(shift)), float(rng.normal(shift))
+            out.append(e)
+        return out
+
+    return {"forget": rows(20, mia=True, shift=shift), "holdout": rows(20, pert=False, mia=True),
+            **{s: rows(10) for s in ("retain", "real_authors", "world_facts")}}  # fmt: skip
+
+
+def test_scores_against_their_definitions():
+    import numpy as np
+
+    from rapidun.eval import tofu_metrics as tm
+    from rapidun.tofu import scores
+
+    rng = np.random.default_rng(0)
+    ref, st = _stats(rng), _stats(rng, shift=0.4)
+    same = scores(ref, ref, "test")
+    assert same["forget_quality"] == 1.0 and same["mink_auc_gap"] == 0.0 and same["n_forget"] == 10
+    s = scores(st, ref, "test")
+    f = [e for e in st["forget"] if e["half"] == "test"]
+    fr = [e for e in ref["forget"] if e["half"] == "test"]
+    r = [np.exp(np.mean(e["pert"]) - e["nll"]) for e in f]  # TOFU's statistic, written out
+    assert s["forget_truth_ratio"] == pytest.approx(np.mean([min(x, 1 / x) for x in r]))
+    assert s["forget_quality"] == pytest.approx(
+        tm.ks_2samp_pvalue(np.array(r), np.array([np.exp(np.mean(e["pert"]) - e["nll"]) for e in fr]))
+    )
+    vals = [s[f"{a}_{b}"] for a in ("retain", "real_authors", "world_facts") for b in ("prob", "rouge", "truth_ratio")]
+    assert s["model_utility"] == pytest.approx(len(vals) / sum(1 / v for v in vals))
+    ra = [e for e in st["real_authors"] if e["half"] == "test"]
+    p = [np.exp(-e["nll"]) / (np.exp(-e["nll"]) + sum(np.exp(-x) for x in e["pert"])) for e in ra]
+    assert s["real_authors_prob"] == pytest.approx(np.mean(p))
+    members = [e["mink"] for e in f]
+    slow = np.mean([(a > b) + 0.5 * (a == b) for a in members for b in [e["mink"] for e in st["holdout"]]])
+    assert s["mink_auc"] == pytest.approx(slow)
+
+
+def test_select_and_learnability_rules():
+    from rapidun.tofu import learnability, select
+
+    def m(fq, mu):
+        return {"val": {"forget_quality": {"mean": fq}, "model_utility": {"mean": mu}}}
+
+    models = {"full": {"val": {"model_utility": 0.5}}}
+    pick = select({"a": m(0.9, 0.40), "b": m(0.3, 0.49), "c": m(0.2, 0.6)}, models)
+    assert pick["method"] == "b" and pick["within_utility"]  # a forgets best but breaks utility (< 0.95 × 0.5)
+    assert select({"a": m(0.9, 0.1), "b": m(0.3, 0.2)}, models) == {
+        "method": "a", "within_utility": False, "utility_floor": pytest.approx(0.475), "on": "val"
+    }  # fmt: skip
+    full = {"forget_prob": 0.8, "forget_rouge": 0.9, "forget_quality": 1e-5}
+    ret = {"forget_prob": 0.3, "forget_rouge": 0.4}
+    assert learnability(full, ret, "forget05")["ok"]
+    assert not learnability(full | {"forget_quality": 0.02}, ret, "forget05")["ok"]
+    assert not learnability(full | {"forget_rouge": 0.3}, ret, "forget05")["ok"]
