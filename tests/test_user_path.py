@@ -429,6 +429,15 @@ def test_cli_compare_trains_a_retrain_reference_from_retrain_data(user, capsys, 
     assert "--retrain-base" in capsys.readouterr().err and not out.exists()
     both = [*args, "--retrain-model", user.model_dir]
     assert cli.main([*both, *OVERRIDES, *extra]) == 2
+    # refused before any training or writing: a reference outside the methods, an unreadable --retrain-data
+    based = [*args, "--retrain-base", user.model_dir, *OVERRIDES, *extra]
+    assert cli.main([*based, "compare.reference=npo"]) == 2
+    assert "compare.reference=npo" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{not json\n')
+    assert cli.main([*[a if a != str(data) else str(bad) for a in args], "--retrain-base", user.model_dir,
+                     *OVERRIDES, *extra]) == 2  # fmt: skip
+    assert "bad.jsonl:2" in capsys.readouterr().err and not out.exists()
     assert cli.main([*args, "--retrain-base", user.model_dir, *OVERRIDES, *extra]) == 0
     capsys.readouterr()
     rep = json.loads((out / "report.json").read_text())

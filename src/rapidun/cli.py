@@ -83,7 +83,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     from rapidun.eval.probes import hit_rule, load_probes
     from rapidun.io import write_json
     from rapidun.pipeline import prepare_out
-    from rapidun.user_compare import compare_user
+    from rapidun.user_compare import check_user_methods, compare_user
 
     missing = [f"--{k.replace('_', '-')}" for k in ("model_path", "forget", "retain", "probes") if not getattr(args, k)]
     if missing:
@@ -92,6 +92,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
             + ", ".join(missing)
         )
     cfg = _load(args)
+    check_user_methods(cfg)  # before any training or writing
     d = cfg.data
     parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
     probes = load_probes(args.probes)
@@ -105,6 +106,11 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
             "--retrain-data needs the base model the reference is trained from: --retrain-base MODEL (with "
             "--adapter the base is --model-path)"
         )
+    recs = None
+    if args.retrain_data:  # read (and validated) before the output folder is claimed
+        from rapidun.data.records import load_records
+
+        recs = load_records(args.retrain_data, d.format, d.fields)
     inputs = identity(
         args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "retrain_data", "retrain_base",
         "regex", "keywords",
@@ -112,11 +118,9 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     out = prepare_out(args.out, cfg, args.overwrite, "compare-user", inputs)
     write_json(out / "packs.json", packs)
     retrain, note = args.retrain_model, None
-    if args.retrain_data:
-        from rapidun.data.records import load_records
+    if recs is not None:
         from rapidun.user_compare import train_retrain
 
-        recs = load_records(args.retrain_data, d.format, d.fields)
         retrain, note, meta = train_retrain(cfg, base, recs, parts["forget"])
         write_json(out / "retrain_training.json", meta)
     compare_user(cfg, out, model_path, start, parts, packs, probes, hit, rule, retrain, note)

@@ -101,6 +101,30 @@ def train_retrain(
     return meta["path"], note, meta
 
 
+def check_user_methods(cfg: RunConfig) -> list[str]:
+    """The user comparison's methods, checked before any work (the command calls it before it trains a reference
+    or writes into ``--out``): registered, runnable without a scenario's corpus, ``compare.reference`` among them.
+
+    Raises:
+        RapidunError: naming the setting and what to change.
+    """
+    methods = [m for m in cfg.unlearn.methods if m != "retrain"]
+    if not methods:
+        raise RapidunError("unlearn.methods names no unlearning method (retrain is a model here: --retrain-model)")
+    from rapidun.cover import NEEDS_CORPUS, needs_corpus
+
+    for m in methods:
+        get_method(m)
+        if needs_corpus(m, cfg.unlearn.distill_teacher):
+            raise RapidunError(f"unlearn.methods: {m}: {NEEDS_CORPUS}")
+    ref = cfg.compare.reference
+    if ref not in methods:
+        raise RapidunError(
+            f"compare.reference={ref} is not among unlearn.methods {methods}; add it or set compare.reference"
+        )
+    return methods
+
+
 def compare_user(
     cfg: RunConfig,
     out: Path,
@@ -129,20 +153,8 @@ def compare_user(
             :func:`train_retrain`).
     """
     t0 = time.perf_counter()
-    methods = [m for m in cfg.unlearn.methods if m != "retrain"]
-    if not methods:
-        raise RapidunError("unlearn.methods names no unlearning method (retrain is a model here: --retrain-model)")
-    from rapidun.cover import NEEDS_CORPUS, needs_corpus
-
-    for m in methods:
-        get_method(m)
-        if needs_corpus(m, cfg.unlearn.distill_teacher):
-            raise RapidunError(f"unlearn.methods: {m}: {NEEDS_CORPUS}")
+    methods = check_user_methods(cfg)
     ref = cfg.compare.reference
-    if ref not in methods:
-        raise RapidunError(
-            f"compare.reference={ref} is not among unlearn.methods {methods}; add it or set compare.reference"
-        )
     fp = fingerprint(model_path)
     probes_key = stable_hash([[p.id, p.prompt, p.context, p.group] for p in probes], 16)
     data_key = stable_hash(
@@ -174,7 +186,7 @@ def compare_user(
         seed = scfg.unlearn.seed
         views: dict[str, Any] = {}
         for name in methods:
-            m = get_method(name)
+            get_method(name)
             cell = out / "seeds" / str(seed) / "methods" / name
             gen = out / "seeds" / str(seed) / "eval" / f"{name}.jsonl"
             key = stable_hash(
