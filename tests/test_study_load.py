@@ -147,6 +147,8 @@ def test_load_study_refuses_bad_files(tmp_path, text, match):
         ("[unlearn.lr=fast]", r"unlearn\.lr: expected float"),
         ("[unlearn.nope=1]", r"unknown key.*nope"),
         ("[unlearn.lr]", r"expected key=value"),
+        ("[unlearn.lr=-1]", r"unlearn\.lr = -1.*must be"),  # a range check, not only the type
+        ("[unlearn.batch_size=0]", r"unlearn\.batch_size = 0.*must be"),
     ],
 )
 def test_a_bad_method_override_fails_at_load(tmp_path, overrides, match):

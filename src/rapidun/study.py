@@ -189,8 +189,13 @@ def scenario_config(spec: StudySpec, sc: StudyScenario) -> RunConfig:
 
 
 def with_overrides(cfg: RunConfig, overrides: list[str], where: str = "method overrides") -> RunConfig:
-    """``cfg`` with dotted overrides applied (validated as a whole config)."""
-    return from_dict(RunConfig, apply_overrides(to_dict(cfg), list(overrides)), where) if overrides else cfg
+    """``cfg`` with dotted overrides applied, validated as a whole config: types (:func:`from_dict`) and every
+    field's range and relation (:func:`rapidun.config_checks.validate`), so ``unlearn.lr=-1`` fails here."""
+    if not overrides:
+        return cfg
+    from rapidun.config_checks import validate
+
+    return validate(from_dict(RunConfig, apply_overrides(to_dict(cfg), list(overrides)), where), where)
 
 
 def _split_stats(agg: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
