@@ -231,6 +231,27 @@ def test_adapter_for_another_base_is_refused(user, tmp_path):
         with_adapter(user.model_dir, str(tmp_path))
 
 
+def test_adapter_trained_on_a_same_shaped_other_model_is_refused(user, tmp_path):
+    """Same architecture, other weights: the tensors fit, so only the recorded base can tell."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    tok = make_tokenizer()
+    other_dir = tmp_path / "other"
+    make_model(len(tok), init_range=0.3).save_pretrained(other_dir)  # same shapes as user.model_dir, other weights
+    tok.save_pretrained(other_dir)
+    peft = get_peft_model(make_model(len(tok), init_range=0.3), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.peft_config["default"].base_model_name_or_path = str(other_dir)
+    peft.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(RapidunError, match=r"trained on .*other.*give --model-path"):
+        with_adapter(user.model_dir, str(tmp_path / "adapter"))
+    assert with_adapter(str(other_dir), str(tmp_path / "adapter"))  # its own base: accepted
+    copy = tmp_path / "copy"
+    shutil.copytree(other_dir, copy)  # a copy elsewhere (other path, other times): the same weights, accepted
+    assert with_adapter(str(copy), str(tmp_path / "adapter"))
+
+
 def test_cli_errors_on_the_user_path(user, capsys, tmp_path):
     base = ["--method", "uniform", "--model-path", user.model_dir]
     overlap = write_alpaca(tmp_path / "r.jsonl", [*user.parts["retain"], user.parts["forget"][0]])

@@ -378,6 +378,7 @@ def with_adapter(base: str, adapter: str | None) -> str:
             f"--adapter {adapter}: no adapter_model.safetensors (or .bin) there; the folder is incomplete"
         )
     base_path = resolve_model_path(base)
+    check_adapter_base(a, base, base_path)
     folder = cache_root() / "merged" / stable_hash({"base": fingerprint(base_path), "adapter": fingerprint(str(a))})
     if (folder / _DONE).is_file():
         return str(folder)
@@ -400,6 +401,50 @@ def with_adapter(base: str, adapter: str | None) -> str:
         tok.save_pretrained(tmp)
         write_json(tmp / _DONE, {"base": base_path, "adapter": str(a.resolve()), "note": "base + adapter, merged"})
     return str(folder)
+
+
+def weights_id(folder: str | Path) -> str | None:
+    """Content id of a model folder's weight files (names, sizes and 16 sampled 64 KiB blocks each), independent
+    of the folder's path and the files' times: a copy of a model has the same id, another fine-tune does not.
+    None when the folder holds no ``*.safetensors``/``*.bin`` weights."""
+    p = Path(folder)
+    files = sorted(f for f in p.glob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+    if not files:
+        return None
+    parts = []
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(1 << 16))
+        parts.append((f.name, size, h.hexdigest()[:16]))
+    return stable_hash(parts)
+
+
+def check_adapter_base(adapter: Path, base: str, base_path: str) -> None:
+    """Refuse an adapter whose recorded base (``base_model_name_or_path``) is a local model folder with other
+    weights than ``base_path``: same-shaped tensors would load without error and silently give another model.
+
+    A recorded hub id that is not a local folder, or no record, cannot be checked here; then only the shape check
+    of the merge applies.
+
+    Raises:
+        RapidunError: naming both models and what to pass instead.
+    """
+    declared = read_adapter_base(adapter)
+    if not declared:
+        return
+    d = Path(declared).expanduser()
+    if not d.is_dir() or d.resolve() == Path(base_path).resolve():
+        return
+    want, got = weights_id(d), weights_id(base_path)
+    if want is not None and got is not None and want != got:
+        raise RapidunError(
+            f"--adapter {adapter} was trained on {declared}, whose weights differ from --model-path {base}; "
+            f"give --model-path {declared} (the base the adapter was trained on)"
+        )
 
 
 def read_adapter_base(adapter: str | Path) -> str | None:
