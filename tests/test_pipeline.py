@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rapidun.config import load_config
@@ -26,6 +28,40 @@ def test_prepare_out_refuses_a_different_run_unless_overwrite(tmp_path):
     assert (out / "report.json").read_text() == "{}"  # nothing lost
     prepare_out(out, other, overwrite=True)
     assert "seed: 2" in (out / "config.resolved.yaml").read_text()
+
+
+def test_overwrite_removes_only_what_the_replaced_output_wrote(tmp_path):
+    from rapidun.pipeline import mark_complete
+
+    a, b = load_config(None, ["scenario.seed=1"]), load_config(None, ["scenario.seed=2"])
+    out = prepare_out(tmp_path / "run", a, overwrite=False)
+    (out / "report.json").write_text("{}")
+    (out / "seeds").mkdir()
+    mark_complete(out)  # a finished run records what it wrote
+    (out / "my_notes.txt").write_text("mine")  # the user adds files afterwards
+    (out / "report.md").write_text("my own report.md")  # even under a name rapidun uses
+    prepare_out(out, a, overwrite=False)  # the same run resumed: the user's files stay foreign
+    mark_complete(out)
+    assert set(json.loads((out / "run.json").read_text())["written"]) == {
+        "config.resolved.yaml", "report.json", "run.json", "seeds",
+    }  # fmt: skip
+    prepare_out(out, b, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "report.md").read_text() == "my own report.md"
+    assert not (out / "report.json").exists() and not (out / "seeds").exists()
+    assert json.loads((out / "run.json").read_text())["foreign"] == ["my_notes.txt", "report.md"]
+    mark_complete(out)
+    assert "my_notes.txt" not in json.loads((out / "run.json").read_text())["written"]
+
+
+def test_overwrite_of_an_unfinished_output_removes_only_rapidun_names(tmp_path):
+    a, b = load_config(None, ["scenario.seed=1"]), load_config(None, ["scenario.seed=2"])
+    out = prepare_out(tmp_path / "run", a, overwrite=False)  # never marked complete: no record of its files
+    (out / "eval").mkdir()
+    (out / "probes_mine.jsonl").write_text("")
+    (out / "data.csv").write_text("user data")
+    prepare_out(out, b, overwrite=True)
+    assert not (out / "eval").exists() and not (out / "probes_mine.jsonl").exists()
+    assert (out / "data.csv").read_text() == "user data"
 
 
 def test_prepare_out_refuses_a_foreign_folder(tmp_path):

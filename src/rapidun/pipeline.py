@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,34 +93,89 @@ def prepare_out(
             if not overwrite:
                 raise RapidunError(
                     f"output folder {out} holds {what}; choose another --out, or pass --overwrite to replace it "
-                    "(everything in it is removed first)"
+                    "(what that output wrote is removed first; files you added are kept)"
                 )
-            clear_folder(out)
+            foreign = clear_folder(out, old.get("written"))
+            if foreign:
+                print(f"--overwrite: kept {len(foreign)} entries rapidun did not write in {out}: "
+                      f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}", file=sys.stderr)  # fmt: skip
+        else:
+            foreign = foreign_entries(out, old)
+    else:
+        foreign = []
     out.mkdir(parents=True, exist_ok=True)
     write_json(
-        marker, {"kind": kind, "config_hash": h, "inputs": inputs or {}, "rapidun": __version__, "complete": False}
-    )
+        marker,
+        {"kind": kind, "config_hash": h, "inputs": inputs or {}, "rapidun": __version__, "complete": False,
+         "foreign": foreign},
+    )  # fmt: skip
     write_text(out / "config.resolved.yaml", dump_yaml(cfg))
     return out
 
 
-def clear_folder(out: Path) -> None:
-    """Remove everything in ``out`` (a rapidun output being replaced), the marker last: a crash half-way leaves a
-    folder that is still recognised as rapidun's and is cleared again by the next ``--overwrite``."""
+# Every top-level name a rapidun command writes into its --out (what --overwrite may remove from an output whose
+# run.json records no list of its own, i.e. one that did not finish).
+OUTPUT_NAMES = frozenset(
+    "adapter audit.jsonl cells config.resolved.yaml detector.json eval exact forget.jsonl influence influence.json "
+    "influence.pt influence_check.json manifest.json merged packs.json peak_mem.json plots probes.jsonl ranked.jsonl "
+    "receipt.json report.html report.json report.md result.json retrain_training.json run.json scenario "
+    "scenario.json seeds sketches study.html study.json study.md tofu_scatter.png topk.jsonl trace trace.html "
+    "trace.json trace.md training verification.json verification.md verify views.json views.pt weights.jsonl "
+    "robust distance.json metrics.json influence_traced".split()
+)
+_OUTPUT_PATTERN = re.compile(r"^probes_[\w.-]+\.jsonl?$|^[\w.-]+\.generations\.jsonl$")  # per-name files
+
+
+def is_output_name(name: str) -> bool:
+    """Whether ``name`` is one of the names rapidun's commands write at the top of an --out folder."""
+    return name in OUTPUT_NAMES or bool(_OUTPUT_PATTERN.match(name))
+
+
+def foreign_entries(out: Path, old: dict[str, Any]) -> list[str]:
+    """Entries of ``out`` that its run did not write: those recorded as foreign when it was claimed, and (for a
+    finished run) anything beside what it recorded writing."""
+    foreign = set(old.get("foreign", []))
+    if old.get("written") is not None:
+        foreign |= {p.name for p in out.iterdir()} - set(old["written"]) - {"run.json"}
+    return sorted(n for n in foreign if (out / n).exists() or (out / n).is_symlink())
+
+
+def clear_folder(out: Path, written: list[str] | None = None) -> list[str]:
+    """Remove what the rapidun output in ``out`` wrote, the marker last (a crash half-way leaves a folder that is
+    still recognised as rapidun's and is cleared again by the next ``--overwrite``); returns the names kept.
+
+    ``written``: the entries the output recorded writing (``run.json["written"]``, set when it finished); without
+    it (a run that did not finish) the entries named like rapidun's outputs (:data:`OUTPUT_NAMES`) and atomic
+    temporaries. Anything else — files a user put there — is kept.
+    """
     import shutil
 
+    def mine(name: str) -> bool:
+        return name in set(written) | {"run.json"} if written is not None else is_output_name(name)
+
+    kept = []
     for p in sorted(out.iterdir(), key=lambda q: q.name == "run.json"):
+        if not mine(p.name) and not is_atomic_temp(p):
+            kept.append(p.name)
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+    return kept
 
 
 def mark_complete(out: str | Path) -> None:
-    """Set ``complete: true`` in ``out/run.json`` (the command finished; the last write of every command)."""
-    marker = Path(out) / "run.json"
+    """Set ``complete: true`` in ``out/run.json`` (the command finished; the last write of every command) and
+    record ``written``: the entries of ``out`` this run wrote (all but those foreign when it was claimed), which
+    is what a later ``--overwrite`` removes."""
+    out = Path(out)
+    marker = out / "run.json"
     if marker.is_file():
-        write_json(marker, read_json(marker) | {"complete": True})
+        m = read_json(marker)
+        foreign = set(m.get("foreign", []))
+        written = sorted(p.name for p in out.iterdir() if p.name not in foreign and not is_atomic_temp(p))
+        write_json(marker, m | {"complete": True, "written": written})
 
 
 def claim_out(
