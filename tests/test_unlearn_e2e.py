@@ -26,10 +26,10 @@ from rapidun.methods import REGISTRY, get_method
 from rapidun.unlearn import influence_views, unlearn
 from rapidun.views import method_views
 
-OVERRIDES = [*TINY_RUN, "unlearn.loreun_every=1"]
+OVERRIDES = [*TINY_RUN, "unlearn.loreun_every=1", "unlearn.rmu_layer=1"]  # the tiny models have 2 layers
 LOOP_METHODS = ["rapidun", "uniform", "ga", "graddiff", "npo", "loreun", "loreun_dynamic", "loreun_hard_high", "random",
                 "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic", "sam_uniform",
-                "adv_uniform"]  # fmt: skip
+                "adv_uniform", "simnpo", "rmu"]  # fmt: skip
 INFLUENCE_METHODS = {"rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage",
                      "rapidun_dynamic"}  # fmt: skip
 VAL_DATA = [("the cat sat", "on the mat"), ("one two three", "four five six"), ("alpha beta", "gamma delta")]
