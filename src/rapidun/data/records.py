@@ -23,7 +23,7 @@ import csv
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -171,6 +171,28 @@ def load_records(
     """Load, validate and id records (see module docstring). Raises :class:`RapidunError` naming file:line."""
     if limit < 0:
         raise RapidunError(f"data.limit={limit}: use 0 (all records) or a positive number")
+    mapping = field_mapping(fmt, fields)
+    where, rows = _source_rows(source, split)
+    return rows_to_records(((f"{where}:{lineno}", row) for lineno, row in rows), where, mapping, limit)
+
+
+def records_from_rows(
+    rows: list[dict[str, Any]], name: str, fmt: str = "dolly", fields: dict | None = None
+) -> list[Record]:
+    """Validate and id in-memory rows (dicts with the columns a file in ``fmt`` has), as :func:`load_records` does
+    a file's; an error names the row as ``name[index]``."""
+    if not isinstance(rows, list | tuple):
+        raise RapidunError(f"{name}: expected a list of records (dicts), got {type(rows).__name__}")
+    located = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RapidunError(f"{name}[{i}]: expected a dict with the record's fields, got {type(row).__name__}")
+        located.append((f"{name}[{i}]", row))
+    return rows_to_records(located, name, field_mapping(fmt, fields))
+
+
+def field_mapping(fmt: str, fields: dict[str, str] | None) -> dict[str, str]:
+    """The source column of each record field (instruction, context, response, id[, replacement]) in ``fmt``."""
     if fmt == "generic":
         if not fields:
             raise RapidunError(
@@ -182,15 +204,19 @@ def load_records(
             raise RapidunError(
                 f"data.fields has unknown key(s) {bad}; valid: instruction, context, response, id, replacement"
             )
-        mapping = {"context": "", "id": "id", **fields}
-    elif fmt in FORMATS:
-        mapping = {**FORMATS[fmt], **(fields or {})}
-    else:
-        raise RapidunError(f"unknown data.format {fmt!r}; choose one of {[*sorted(FORMATS), 'generic']}")
-    where, rows = _source_rows(source, split)
+        return {"context": "", "id": "id", **fields}
+    if fmt in FORMATS:
+        return {**FORMATS[fmt], **(fields or {})}
+    raise RapidunError(f"unknown data.format {fmt!r}; choose one of {[*sorted(FORMATS), 'generic']}")
+
+
+def rows_to_records(
+    rows: Iterable[tuple[str, dict[str, Any]]], where: str, mapping: dict[str, str], limit: int = 0
+) -> list[Record]:
+    """Records from ``(location, row)`` pairs (location: ``file:line`` or ``name[index]``, named in errors)."""
     out: list[Record] = []
-    seen: dict[str, int] = {}
-    for lineno, row in rows:
+    seen: dict[str, str] = {}
+    for loc, row in rows:
         vals = {}
         for key in ("instruction", "context", "response"):
             col = mapping.get(key, "")
@@ -198,27 +224,28 @@ def load_records(
             if key in REQUIRED:
                 if col not in row:
                     raise RapidunError(
-                        f"{where}:{lineno}: missing required field {col!r} ({key}); fields "
+                        f"{loc}: missing required field {col!r} ({key}); fields "
                         f"present: {sorted(str(k) for k in row if k is not None)}. "
                         "Map columns with data.format or data.fields"
                     )
                 if not isinstance(v, str) or not v.strip():
                     raise RapidunError(
-                        f"{where}:{lineno}: field {col!r} ({key}) is empty or not text; fill it or remove the record"
+                        f"{loc}: field {col!r} ({key}) is empty or not text; fill it or remove the record"
                     )
             vals[key] = v.strip() if isinstance(v, str) else ""
         rid = row.get(mapping.get("id") or "id")
         rid = str(rid) if rid not in (None, "") else content_id(vals["instruction"], vals["context"], vals["response"])
         if rid in seen:
+            first = seen[rid].removeprefix(f"{where}:")
             raise RapidunError(
-                f"{where}:{lineno}: duplicate id {rid!r} (first seen on line {seen[rid]}); ids must "
-                "be unique — fix the id or drop the duplicate"
+                f"{loc}: duplicate id {rid!r} (first seen {'on line ' if first.isdigit() else 'at '}{first}); ids "
+                "must be unique — fix the id or drop the duplicate"
             )
-        seen[rid] = lineno
+        seen[rid] = loc
         rep_cols = [mapping["replacement"]] if mapping.get("replacement") else ["replacement", "response_clean"]
         rep = next((row[c] for c in rep_cols if c in row and row[c] not in (None, "")), None)
         if rep is not None and not isinstance(rep, str):
-            raise RapidunError(f"{where}:{lineno}: replacement answer {rep_cols[0]!r} is not text; fix or remove it")
+            raise RapidunError(f"{loc}: replacement answer {rep_cols[0]!r} is not text; fix or remove it")
         meta = {"response_clean": rep.strip()} if isinstance(rep, str) and rep.strip() else {}
         out.append(Record(id=rid, **vals, meta=meta))
         if limit and len(out) >= limit:
