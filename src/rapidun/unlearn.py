@@ -25,10 +25,11 @@ import torch
 
 from rapidun.config import RunConfig, to_dict
 from rapidun.data.records import Record
-from rapidun.data.template import encode_records
+from rapidun.data.template import encode_records, format_prompt
 from rapidun.diagnostics import cell_diagnostics
 from rapidun.distributed import is_main
 from rapidun.errors import RapidunError
+from rapidun.eval.collateral import collateral_warning, compare_with_start, start_snapshot
 from rapidun.io import atomic_path, write_json, write_jsonl
 from rapidun.methods import Method, get_method
 from rapidun.methods.fisher import fisher_forget
@@ -180,6 +181,10 @@ def unlearn(
                   if any(x != -100 for x in e.labels)]  # fmt: skip
     held = [e for _, e in held_pairs]
     held_before = float(eval_ce(model, held, pad, device).mean()) if held else None
+    kept = {i for i, _ in held_pairs}
+    held_prompts = [format_prompt(tok, r.instruction, r.context, cfg.model.system_prompt)
+                    for r in held_recs if r.id in kept]  # fmt: skip
+    start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
 
     weight_info: dict[str, Any] = {}
     t = time.perf_counter()
@@ -315,9 +320,15 @@ def unlearn(
             "ce_after": held_after,
             "ppl_ratio": math.exp(held_after - held_before),
         }
+    if start_snap is not None:
+        reps = [r.meta["response_clean"] for r in parts["forget"] if r.meta.get("response_clean")]
+        ids = [i for i, _ in held_pairs]
+        result["collateral"], _ = compare_with_start(merged, tok, start_snap, held_prompts, held, reps, ids,
+                                                     cfg.eval.batch_size)  # fmt: skip
     warns = [
         forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind),
         heldout_warning(result.get("heldout"), u.lr, method.kind),
+        collateral_warning(result.get("collateral"), _collateral_fix(u.lr, method.kind)),
     ]
     result["warnings"] = [w for w in warns if w]
     if out is not None and is_main():
@@ -329,8 +340,8 @@ def unlearn(
             forget=parts["forget"], retain=parts["retain"],
             config={k: to_dict(getattr(cfg, k)) for k in ("model", "unlearn", "weighting", "influence")},
             seed=u.seed,
-            measured={"audit_means": result["audit_means"], "heldout": result.get("heldout"), "timings": timings,
-                      "warnings": result["warnings"]},
+            measured={"audit_means": result["audit_means"], "heldout": result.get("heldout"),
+                      "collateral": result.get("collateral"), "timings": timings, "warnings": result["warnings"]},
             complete=bool(result.get("complete", True)), packs=prov.get("packs"), previous=prov.get("previous"),
         )  # fmt: skip
         result["receipt"] = RECEIPT
@@ -445,3 +456,13 @@ def heldout_warning(heldout: dict[str, Any] | None, lr: float, kind: str) -> str
         f"{heldout['ce_before']:.3f} -> {heldout['ce_after']:.3f}), more than {MAX_HELDOUT_PPL_RATIO:.2f}x: the "
         f"unlearning damaged the model beyond its target; {fix}"
     )
+
+
+def _collateral_fix(lr: float, kind: str) -> str:
+    """What to change when :func:`rapidun.eval.collateral.collateral_warning` fires, per method kind."""
+    return {
+        "loop": f"lower unlearn.lr (now {lr:g}) or unlearn.descent_beta (the pull toward the replacement "
+        "answer), raise unlearn.mix_retain (more retain draws), and check on your own "
+        "unrelated prompts with `rapidun eval --probes P --start-model START`",
+        "distill": "lower unlearn.distill_alpha or raise unlearn.distill_steps, and check with `rapidun eval --probes`",
+    }.get(kind, "lower unlearn.fisher_alphas, and check with `rapidun eval --probes`")
