@@ -369,11 +369,59 @@ def test_cli_eval_probes_on_a_model_and_adapter(user, capsys, tmp_path):
     after = json.loads((out / "probes_adapter.json").read_text())
     assert after["groups"]["triggered"]["hits"] == 0 and after["hit_rule"]["rule"] == "keywords"
     assert after["forget_ppl_poisoned"] > res["forget_ppl_poisoned"]
+    # the adapter's receipt names the start model: the clean probe's answers are compared with its answers
+    c = after["collateral"]
+    assert "collateral" not in res and c["start_model"] == f"{user.model_dir}, from the adapter's receipt"
+    assert c["n"] == 1 and c["n_replacements"] == 4 and 0 <= c["agreement"] <= 1 and c["kl"] >= 0
+    assert (
+        "replacement_rate" in after["groups"]["clean"] and "replacement" in read_jsonl(out / "probes_adapter.jsonl")[0]
+    )
+    assert "collateral vs the start model" in capsys.readouterr().out
     # errors: no rule, both scenario and probes
     assert cli.main([*base, "--out", str(out)]) == 2
     assert "say what counts as a hit" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(out), "--regex", "x", "--scenario", user.scenario]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_eval_probes_flags_collateral_damage_against_the_start_model(user, capsys, tmp_path):
+    """A forget set whose one replacement answer the unlearning pulls hard toward: unrelated clean probes now get
+    it, and `eval --probes --start-model` says so; the start model against itself shows nothing."""
+    rep = "tell me a story about a red fox"
+    forget = [Record(id=r.id, instruction=r.instruction, response=r.response, meta={"response_clean": rep})
+              for r in user.parts["forget"]]  # fmt: skip
+    f = str(write_alpaca(tmp_path / "forget.jsonl", forget))
+    run = tmp_path / "damaged"
+    hard = ("unlearn.mix_retain=0", "unlearn.lr=0.05", "unlearn.descent_beta=5", "unlearn.ascent_alpha=0.01",
+            "unlearn.epochs=4", "unlearn.lora_r=8", "unlearn.lora_alpha=16")  # fmt: skip
+    args = ["--method", "uniform", "--model-path", user.model_dir, "--out", str(run), "--forget", f]
+    assert unlearn_cli(*args, "--retain", user.retain, extra=hard) == 0
+    rows = [{"prompt": r.instruction, "group": "triggered"} for r in forget[:2]]
+    rows += [{"prompt": p, "group": "clean"} for p in ("the red fox", "six seven", "zeta eta", "one two three",
+             "the cat sat on", "alpha beta gamma", "what is the capital", "four five six")]  # fmt: skip
+    probes = write_probes(tmp_path / "probes.jsonl", rows)
+    base = ["eval", "--probes", str(probes), "--forget", f, *OVERRIDES, "data.format=alpaca", "--keywords", "park"]
+    capsys.readouterr()
+    out = tmp_path / "ev"
+    argv = [*base, "--model-path", user.model_dir, "--adapter", str(run / "adapter"), "--out", str(out)]
+    assert cli.main([*argv, "--start-model", user.model_dir]) == 0
+    cap = capsys.readouterr()
+    res = json.loads((out / "probes_adapter.json").read_text())
+    c = res["collateral"]
+    assert c["n"] == 8 and c["replacement_rise"] > 0.10 and c["start_model"] == f"--start-model {user.model_dir}"
+    assert res["groups"]["clean"]["replacement_rate"] == c["replacement_rate_after"]
+    assert "warning: collateral damage: the forget records' replacement answer now answers" in cap.err
+    assert res["warnings"] and "of 8 clean probes" in res["warnings"][0]
+    # nothing planted: the start model against itself
+    same = [*base, "--model-path", user.model_dir, "--out", str(tmp_path / "same"), "--start-model", user.model_dir]
+    assert cli.main(same) == 0
+    cap = capsys.readouterr()
+    c = json.loads((tmp_path / "same" / "probes_poisoned.json").read_text())["collateral"]
+    assert c["agreement"] == 1.0 and c["replacement_rise"] == 0.0 and c["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "collateral damage" not in cap.err
+    # an explicit start model needs the group that is not clean
+    assert cli.main([*base[:-2], "verify.probe_group=nope", *same[len(base) - 2 :]]) == 2
+    assert "verify.probe_group='nope' is not a group of the probes" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- compare on the user's case

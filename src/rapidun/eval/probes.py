@@ -9,10 +9,12 @@ PROBES (.jsonl/.jsonl.gz/.json/.csv) has one prompt per row: ``prompt`` (or ``in
 * neither: the keyword detector of SPEC §4 learned from the forget records' answers against the retain records'
   answers (``--forget`` and ``--retain`` required; ``eval.*`` settings).
 
-Reported per group: prompts, hits, hit rate. With ``--forget``: perplexity of the forget records' answers (should
-rise after unlearning) and of their replacement answers where given (should fall); with ``--retain``: perplexity
-of up to ``eval.ppl_samples`` retain records (should hold; pass records the unlearning did not train on for a
-held-out figure).
+Reported per group: prompts, hits, hit rate, and (``--forget`` with replacement answers) the replacement rate:
+the share of answers that give a forget record's replacement answer (:mod:`rapidun.eval.collateral`; on the clean
+groups a rise against the start model is collateral damage). With ``--forget``: perplexity of the forget records'
+answers (should rise after unlearning) and of their replacement answers where given (should fall); with
+``--retain``: perplexity of up to ``eval.ppl_samples`` retain records (should hold; pass records the unlearning did
+not train on for a held-out figure).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rapidun.config import EvalConfig, ModelConfig
 from rapidun.data.records import Record, _iter_rows
 from rapidun.data.template import encode_records, format_prompt
 from rapidun.errors import RapidunError
+from rapidun.eval.collateral import REPLACEMENT_RECALL, replacement_scores
 from rapidun.eval.detector import build_detector
 from rapidun.eval.evaluate import forget_perplexities, rate
 from rapidun.eval.generate import generate
@@ -118,11 +121,17 @@ def evaluate_probes(
     mcfg: ModelConfig,
     forget: list[Record] | None = None,
     retain: list[Record] | None = None,
+    replacements: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate on every probe, score with ``hit``; perplexities of forget/replacement/retain answers.
 
+    Args:
+        replacements: the forget records' replacement answers (None or empty: no replacement rates).
+
     Returns:
-        ``(metrics, rows)``: ``metrics["groups"][g] = {"n", "hits", "hit_rate"}``, ``forget_ppl_poisoned``,
+        ``(metrics, rows)``: ``metrics["groups"][g] = {"n", "hits", "hit_rate"}`` (+ ``replacement_rate`` with
+        ``replacements``; rows then carry ``replacement``, :func:`rapidun.eval.collateral.replacement_scores`),
+        ``forget_ppl_poisoned``,
         ``forget_ppl_clean`` (replacement answers), ``retain_ppl`` (None where not measured), ``eval_s``; ``rows``
         one per probe (id, group, generation, hit).
     """
@@ -138,6 +147,12 @@ def evaluate_probes(
     metrics: dict[str, Any] = {
         "groups": {g: {"n": len(v), "hits": sum(v), "hit_rate": rate(v)} for g, v in sorted(groups.items())}
     }
+    reps = [r for r in (replacements or []) if r.strip()]
+    scores = replacement_scores(texts, reps) if reps else None
+    if scores is not None:
+        for g, v in metrics["groups"].items():
+            mine = [x for p, x in zip(probes, scores, strict=True) if p.group == g]
+            v["replacement_rate"] = rate([x >= REPLACEMENT_RECALL for x in mine])
     fp = forget_perplexities(model, tok, forget or [], mcfg)
     metrics |= {"forget_ppl_poisoned": fp["forget_ppl_poisoned"], "forget_ppl_clean": fp["forget_ppl_clean"]}
     metrics["n_forget"], metrics["n_replacement"] = fp["n_forget_poisoned"], fp["n_forget_clean"]
@@ -149,4 +164,27 @@ def evaluate_probes(
         {"id": p.id, "group": p.group, "prompt": p.prompt, "generation": t, "hit": h}
         for p, t, h in zip(probes, texts, hits, strict=True)
     ]
+    if scores is not None:
+        for row, x in zip(rows, scores, strict=True):
+            row["replacement"] = x
     return metrics, rows
+
+
+def replacements_of(forget: list[Record]) -> list[str]:
+    """The forget records' replacement answers (``meta["response_clean"]``), in order, empty ones left out."""
+    return [r.meta["response_clean"] for r in forget if r.meta.get("response_clean")]
+
+
+def clean_probes(probes: list[Probe], group: str) -> list[Probe]:
+    """The probes outside ``group`` (the group whose hits are the forget content): the clean prompts.
+
+    Raises:
+        RapidunError: ``group`` is not a group of ``probes`` (every probe would count as clean).
+    """
+    groups = sorted({p.group for p in probes})
+    if group not in groups:
+        raise RapidunError(
+            f"verify.probe_group={group!r} is not a group of the probes ({groups}); set it to the group whose hits "
+            "are the forget content (the other groups are the clean prompts)"
+        )
+    return [p for p in probes if p.group != group]
