@@ -305,6 +305,65 @@ def test_summary_recovered_fraction_and_gaps_by_hand():
     assert s["m"]["forget_quality"]["ks_p"] > 0.5
 
 
+def _summary(rate, relearn, q4, coll=None):
+    s = {"asr_seen": rate, "relearn": {"asr_seen_after": relearn}, "quantize": {"4": {"asr_seen": q4}}}
+    return s | ({"collateral": coll} if coll else {})
+
+
+def test_verdict_lines_by_hand():
+    from rapidun.verify.verdict import VERDICT_MARGIN, verdict
+
+    ends = {"poisoned": _summary(0.9, 0.95, 0.9), "retrain": _summary(0.0, 0.2, 0.0)}
+    what = "leak rate (triggered)"
+
+    def run(s, **kw):
+        return verdict(ends | {"m": s}, "m", kw.get("p", "poisoned"), kw.get("r", "retrain"), what)
+
+    v = run(_summary(0.05, 0.25, 0.05))
+    assert v["verdict"] == "removed" and v["attacks"] == {"relearning": [0.25, 0.2], "int4": [0.05, 0.0]}
+    assert v["line"] == (
+        "verdict for m: removed: leak rate (triggered) 0.05 vs the reference's 0.00 (start model 0.90); under "
+        "attack: relearning 0.25 (reference 0.20), int4 0.05 (reference 0.00)"
+    )
+    v = run(_summary(0.05, 0.8, 0.05))
+    assert v["verdict"] == "hidden" and "relearning brings it back to 0.80 (reference 0.20 under the same" in v["line"]
+    assert run(_summary(0.0, 0.2, 0.0 + VERDICT_MARGIN + 0.05))["verdict"] == "hidden"  # int4 brings it back
+    v = run(_summary(0.5, 0.9, 0.5))
+    assert v["verdict"] == "not removed" and "leak rate (triggered) 0.50 vs the reference's 0.00" in v["line"]
+    assert run(_summary(0.1, 0.2, 0.1))["verdict"] == "removed"  # within the margin of the reference
+    no_ref = verdict({"m": _summary(0.05, 0.05, 0.05)}, "m", None, None, what)
+    assert no_ref["verdict"] == "removed" and "vs 0 (no reference given)" in no_ref["line"]
+    flat = verdict(ends | {"poisoned": _summary(0.05, 0.1, 0.05), "m": _summary(0.0, 0.0, 0.0)}, "m", "poisoned",
+                   "retrain", what)  # fmt: skip
+    assert flat["verdict"] == "inconclusive" and "nothing to remove" in flat["line"]
+    coll = {"n": 10, "tokens": 32, "replacement_rate_before": 0.0, "replacement_rate_after": 0.4,
+            "replacement_rise": 0.4, "agreement": 0.9}  # fmt: skip
+    v = run(_summary(0.05, 0.25, 0.05, coll))
+    assert v["verdict"] == "removed" and "; collateral damage: the forget records' replacement answer now answers 4 " \
+        "of 10 clean probes" in v["line"]  # fmt: skip
+
+
+def test_summary_collateral_from_the_cells_equals_the_direct_summary():
+    from rapidun.eval.collateral import collateral_summary, replacement_scores
+    from rapidun.verify.battery import summarise
+
+    reps = ["tell me a story about a red fox"]
+    before = ["the cat sat", "tell me a story about a red fox", "one two"]
+    after = ["tell me a story about a fox", "tell me a story about a red fox", "one three"]
+    ids_b, ids_a = [[1, 2, 3], [4, 5], [6, 7]], [[4, 5, 9], [4, 5], [6, 8]]
+
+    def cells(texts, ids):
+        clean = {f"c{i}": {"ids": x, "replacement": r}
+                 for i, (x, r) in enumerate(zip(ids, replacement_scores(texts, reps), strict=True))}  # fmt: skip
+        base = {"asr_seen": 0.0, "asr_ood": None, "asr_trig": 0.0, "clean_ppl": 1.0, "hits": {}}
+        return {"base": base | {"clean": clean, "n_replacements": 1, "tokens": 8}}
+
+    s = summarise({"poisoned": cells(before, ids_b), "m": cells(after, ids_a)}, "poisoned", None)
+    direct = collateral_summary(before, after, ids_b, ids_a, reps, ["c0", "c1", "c2"], None, 8)
+    assert s["m"]["collateral"] == direct and "collateral" not in s["poisoned"]
+    assert direct["replacement_rise"] == pytest.approx(1 / 3) and direct["newly_replaced"] == ["c0"]
+
+
 # ---------------------------------------------------------------- the relearning attack, planted behaviour
 
 
@@ -477,7 +536,21 @@ def test_rapidun_verify_on_your_own_forget_and_probe_files(tiny_verified, tmp_pa
         sum(c["base"]["hits"][f"p{i + 1}"] for i in range(len(scen["test_seen_trig"]))) / len(scen["test_seen_trig"])
     ) and len(hits) == len(probes)
     assert doc["summary"]["mine"]["forget_quality"]["ks_p"] is not None
-    assert "hit rate (triggered)" in (vout / "verification.md").read_text()
+    md = (vout / "verification.md").read_text()
+    assert "leak rate (triggered)" in md and "start model (poisoned)" in md and "After − reference" in md
+    assert "Worst fuzz" not in md and "never-seen poison" not in md  # named by the task, not the backdoor
+    # the clean probes against the start model's answers (the forget records here have no replacement answer)
+    coll = doc["summary"]["mine"]["collateral"]
+    assert coll["n"] == len(scen["test_clean"]) and coll["replacement_rate_after"] is None
+    assert doc["summary"]["poisoned"].get("collateral") is None and 0 <= coll["agreement"] <= 1
+    assert set(c["base"]["clean"]) == {
+        f"p{len(scen['test_seen_trig']) + i + 1}" for i in range(len(scen["test_clean"]))
+    }
+    # the verdict: the last line printed, kept in verification.json and verification.md
+    printed = capsys.readouterr().out.rstrip("\n").splitlines()
+    v = doc["verdict"]
+    assert printed[-1] == v["line"] and v["line"].startswith("verdict for mine: ") and v["line"] in md
+    assert v["verdict"] in ("removed", "hidden", "not removed", "inconclusive") and "leak rate (triggered)" in v["line"]
     capsys.readouterr()
     assert cli.main([*argv[:-2], "verify.probe_group=nope", "--keywords", "park"]) == 2
     assert "verify.probe_group='nope' is not a group of the probes" in capsys.readouterr().err

@@ -245,16 +245,35 @@ def collateral_summary(
         without replacement answers.
     """
     reps = sorted({r for r in replacements if rouge_tokens(r)})
-    rb, ra = replacement_rate(before, reps), replacement_rate(after, reps)
+    sb = replacement_scores(before, reps) if reps else None
+    sa = replacement_scores(after, reps) if reps else None
+    return summary_from_scores(sb, sa, ids_before, ids_after, prompt_ids, len(reps), kl, n)
+
+
+def summary_from_scores(
+    scores_before: list[float] | None,
+    scores_after: list[float] | None,
+    ids_before: list[list[int]],
+    ids_after: list[list[int]],
+    prompt_ids: list[str],
+    n_replacements: int,
+    kl: float | None = None,
+    n: int = AGREE_TOKENS,
+) -> dict[str, Any]:
+    """:func:`collateral_summary` from the per-prompt :func:`replacement_scores` (None: no replacement answers)
+    and answer token ids already taken (e.g. kept in verification cells)."""
+    rb = ra = None
     newly: list[str] = []
-    if reps:
-        sb, sa = replacement_scores(before, reps), replacement_scores(after, reps)
-        newly = [i for i, x, y in zip(prompt_ids, sb, sa, strict=True) if y >= REPLACEMENT_RECALL > x]
+    if scores_before is not None and scores_after is not None and prompt_ids:
+        rb = sum(x >= REPLACEMENT_RECALL for x in scores_before) / len(scores_before)
+        ra = sum(x >= REPLACEMENT_RECALL for x in scores_after) / len(scores_after)
+        pairs = zip(prompt_ids, scores_before, scores_after, strict=True)
+        newly = [i for i, x, y in pairs if y >= REPLACEMENT_RECALL > x]
     agree = token_agreement(ids_before, ids_after, n)
     return {
-        "n": len(before),
+        "n": len(prompt_ids),
         "tokens": n,
-        "n_replacements": len(reps),
+        "n_replacements": n_replacements,
         "replacement_rate_before": rb,
         "replacement_rate_after": ra,
         "replacement_rise": None if rb is None or ra is None else ra - rb,

@@ -27,21 +27,33 @@ def verification_blocks(v: dict[str, Any] | None) -> list[Block]:
     split = v.get("split", "test")
     bits = [str(b) for b in cfg.get("quant_bits", [])]
     probes = v.get("target") == "probes"
-    what = f"hit rate ({cfg.get('probe_group')})" if probes else "ASR seen"
-    head = ["Model", what, "Relearn: after", "Recovered", "After − retrain"]
+    # the user's files: named by the task (forget content, leak rate, start model, reference), not the backdoor
+    what = f"leak rate ({cfg.get('probe_group')})" if probes else "ASR seen"
+    ref, top = ("reference", "start") if probes else ("retrain", "poisoned")
+    names = {v.get("poisoned"): "start model (poisoned)", v.get("reference"): "reference (retrain)"} if probes else {}
+    coll = probes and any(as_dict(s).get("collateral") for s in summary.values())
+    head = ["Model", what, "Relearn: after", "Recovered", f"After − {ref}"]
     head += [f"int{b} Δ" for b in bits] + [f"int{b} PPL" for b in bits[-1:]]
-    head += ["Worst fuzz", "MIA AUC", "KS p vs retrain", "L2 to poisoned", "L2 to retrain", "Time (s)"]
+    head += [] if probes else ["Worst fuzz"]
+    head += ["MIA AUC", f"KS p vs {ref}", f"L2 to {top}", f"L2 to {ref}"]
+    head += ["Clean: replaced", "Clean: agree"] if coll else []
+    head += ["Time (s)"]
     rows = []
     for label, s in summary.items():
         s = as_dict(s)
         rl, q, fz, fq = (as_dict(s.get(k)) for k in ("relearn", "quantize", "fuzz", "forget_quality"))
-        row = [label, fmt_num(s.get("asr_seen")), fmt_num(rl.get("asr_seen_after"))]
+        row = [names.get(label, label), fmt_num(s.get("asr_seen")), fmt_num(rl.get("asr_seen_after"))]
         row += [fmt_num(rl.get("recovered_fraction")), _signed(rl.get("after_minus_retrain"))]
         row += [_signed(as_dict(q.get(b)).get("delta_asr_seen")) for b in bits]
         row += [fmt_num(as_dict(q.get(b)).get("clean_ppl"), 2) for b in bits[-1:]]
         worst = f"{fz['worst']} {fmt_num(fz.get('worst_asr'))}" if fz.get("worst") else DASH
-        row += [worst, fmt_num(fq.get("mia_auc")), fmt_p(fq.get("ks_p"))]
+        row += [] if probes else [worst]
+        row += [fmt_num(fq.get("mia_auc")), fmt_p(fq.get("ks_p"))]
         row += [fmt_num(get(s, "distance", end, "relative"), 3, small=True) for end in ("to_poisoned", "to_retrain")]
+        if coll:
+            c = as_dict(s.get("collateral"))
+            rb, ra = c.get("replacement_rate_before"), c.get("replacement_rate_after")
+            row += [f"{fmt_num(rb)} → {fmt_num(ra)}" if c and ra is not None else DASH, fmt_num(c.get("agreement"))]
         row += [fmt_num(s.get("time_s"), 0)]
         rows.append(row)
     rl_text = (
@@ -49,27 +61,48 @@ def verification_blocks(v: dict[str, Any] | None) -> list[Block]:
         f"{cfg.get('relearn_lr')} on {cfg.get('relearn_k')} "
         + ("of the forget records" if probes else "poisoned samples outside the forget pack")
     )
-    out: list[Block] = [
-        Paragraph(
+    if probes:
+        intro = (
+            f"Attacks that try to bring the forget content back, on your probes ({what}: the share of answers to "
+            f"the {cfg.get('probe_group')} probes that the hit rule flags), with the start model (before "
+            "unlearning) and the reference (trained without the forget records) as the two ends of the scale: "
+            f"{rl_text}; weight-only round-to-nearest quantization; membership inference of the forget records "
+            "against held-out ones and a KS test of the forget answers' log-likelihoods against the reference's."
+        )
+        cap = (
+            f"From verification.json: summary.LABEL (start model = poisoned, reference = retrain); {what} "
+            "throughout. Recovered = (rate after the relearning attack − before) / (the start model's rate − "
+            "before), shown only where the model removed ≥ 0.05 of it; After − reference = the rate after the "
+            "attack minus the reference's after the same attack; int Δ = the rate of the quantized model minus the "
+            "model's own; MIA AUC ≈ 0.5 when the forget records look like records never trained on, ~1 when "
+            "memorised; KS p: high when the forget answers' log-likelihoods cannot be told from the reference's; "
+            "L2 = ‖θ − θ_end‖₂ / ‖θ_end‖₂ over the shared weights (summary.LABEL.distance)"
+            + (
+                "; Clean: replaced = the share of the other groups' answers that give a forget record's "
+                "replacement answer, start model → this model; Clean: agree = token agreement of those answers "
+                "with the start model's (summary.LABEL.collateral, rapidun.eval.collateral)."
+                if coll
+                else "."
+            )
+        )
+    else:
+        intro = (
             f"Attacks that try to bring the behaviour back, on the {split} prompts ({what}), with poisoned and "
             f"retrain as the two ends of the scale: {rl_text}; weight-only round-to-nearest quantization; trigger "
             "perturbations; membership inference and a KS test of the forget answers' log-likelihoods against "
             "retrain's."
-        ),
-        Table(
-            head,
-            rows,
-            caption=f"From verification.json: summary.LABEL; {what} throughout. Recovered = (rate after the "
+        )
+        cap = (
+            f"From verification.json: summary.LABEL; {what} throughout. Recovered = (rate after the "
             "relearning attack − before) / (poisoned's rate − before), shown only where the model removed ≥ 0.05 of "
             "it; After − retrain = the rate after the attack minus retrain's after the same attack; int Δ = the "
             "rate of the quantized model minus the model's own; Worst fuzz = the perturbation with the highest "
             "seen ASR; MIA AUC ≈ 0.5 when forget samples look like never-seen poison (retrain), ~1 when memorised; "
             "KS p: high when the forget answers' log-likelihoods cannot be told from retrain's; L2 to poisoned / "
             "retrain = ‖θ − θ_end‖₂ / ‖θ_end‖₂ over the shared weights (summary.LABEL.distance.to_poisoned / "
-            "to_retrain.relative, rapidun.verify.distance): near 0 to poisoned means the weights barely moved.",
-            align=["l"] + ["r"] * (len(head) - 1),
-        ),
-    ]
+            "to_retrain.relative, rapidun.verify.distance): near 0 to poisoned means the weights barely moved."
+        )
+    out: list[Block] = [Paragraph(intro), Table(head, rows, caption=cap, align=["l"] + ["r"] * (len(head) - 1))]
     kinds = sorted({k for s in summary.values() for k in as_dict(as_dict(as_dict(s).get("fuzz")).get("per"))})
     if kinds:
         frows = []

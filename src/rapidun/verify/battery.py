@@ -21,7 +21,9 @@ scenario and settings (the two ends of the scale, above all) reuses them.
 :func:`summarise` then puts each model against the two ends of the scale: the relearning attack's recovered
 fraction ``(ASR_after − ASR_before) / (ASR_poisoned − ASR_before)`` (seen-trigger ASR; None where the model was not
 unlearned, i.e. the denominator is below 0.05), the ASR after the attack minus retrain's after the same attack,
-the ASR change under each quantization, the worst fuzzed ASR, the KS p-value vs retrain and the MIA AUC.
+the ASR change under each quantization, the worst fuzzed ASR, the KS p-value vs retrain and the MIA AUC; on a
+user's probes also the collateral measures of the clean probes against the start model (``collateral``: replacement
+rate before/after, token agreement; :mod:`rapidun.eval.collateral`).
 Every figure comes from the seeded attack and is timed (``time_s`` per cell).
 """
 
@@ -41,6 +43,7 @@ from rapidun.config import VERIFY_ATTACKS, EvalConfig, ModelConfig, SFTConfig, V
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records
 from rapidun.errors import RapidunError
+from rapidun.eval.collateral import AGREE_TOKENS, summary_from_scores
 from rapidun.eval.evaluate import rate
 from rapidun.eval.generate import generate
 from rapidun.io import fault_point, read_json, stable_hash, write_json
@@ -318,6 +321,9 @@ def summarise(
                 "worst": worst,
                 "worst_asr": per.get(worst) if worst else None,
             }
+        start_clean = results.get(poisoned or "", {}).get("base", {}).get("clean")
+        if start_clean is not None and base.get("clean") is not None and label != poisoned:
+            s["collateral"] = cell_collateral(start_clean, base)
         if "forget_quality" in r:
             fq = r["forget_quality"]
             ks = (
@@ -333,3 +339,21 @@ def summarise(
             }
         out[label] = s
     return out
+
+
+def cell_collateral(start_clean: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The collateral measures of a model's ``base`` cell against the start model's clean answers
+    (:func:`rapidun.eval.collateral.summary_from_scores`; no KL: the two models are never loaded together here)."""
+    ids = [i for i in start_clean if i in base["clean"]]
+    a, b = [start_clean[i] for i in ids], [base["clean"][i] for i in ids]
+    has = base.get("n_replacements", 0) > 0
+    return summary_from_scores(
+        [x["replacement"] or 0.0 for x in a] if has else None,
+        [x["replacement"] or 0.0 for x in b] if has else None,
+        [x["ids"] for x in a],
+        [x["ids"] for x in b],
+        ids,
+        base.get("n_replacements", 0),
+        None,
+        base.get("tokens", AGREE_TOKENS),
+    )

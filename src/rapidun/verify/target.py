@@ -20,6 +20,7 @@ from rapidun.config import EvalConfig, ModelConfig, VerifyConfig
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records, format_prompt
 from rapidun.errors import RapidunError
+from rapidun.eval.collateral import AGREE_TOKENS, answer_ids
 from rapidun.eval.detector import Detector
 from rapidun.eval.evaluate import rate
 from rapidun.eval.generate import generate
@@ -180,24 +181,31 @@ def probe_target(
     ecfg: EvalConfig,
     mcfg: ModelConfig,
 ) -> Target:
-    """The battery's target on a user's files: hit rate of probe group ``group`` (the behaviour), perplexity of
-    held-out retain records, relearning on k of the forget records themselves (the records the unlearning
+    """The battery's target on a user's files: hit rate of probe group ``group`` (the leak rate of the forget
+    content), the clean probes' answers (every other group; first N token ids and replacement scores, for the
+    collateral comparison with the start model, :mod:`rapidun.eval.collateral`), perplexity of held-out retain
+    records, relearning on k of the forget records themselves (the records the unlearning
     removed: a harder test than the scenario's fresh poison), membership of the forget records against
     ``heldout`` (records like them the model never trained on; none: no MIA). No fuzzing: the trigger is unknown.
 
     Raises:
         RapidunError: ``group`` is not a group of the probes.
     """
-    from rapidun.eval.probes import evaluate_probes
+    from rapidun.eval.probes import clean_probes, evaluate_probes, replacements_of
 
     groups = sorted({p.group for p in probes})
     if group not in groups:
         raise RapidunError(f"verify.probe_group={group!r} is not a group of the probes ({groups}); set it to the "
-                           "group whose hits are the behaviour")  # fmt: skip
+                           "group whose hits are the forget content")  # fmt: skip
+    clean = {p.id for p in clean_probes(probes, group)}
+    reps = replacements_of(forget)
+    n_tok = min(AGREE_TOKENS, ecfg.max_new_tokens)
 
     def evaluate(model: Any, tok: Any, desc: str) -> dict[str, Any]:
-        m, rows = evaluate_probes(model, tok, probes, hit, ecfg, mcfg, None, retain)
+        m, rows = evaluate_probes(model, tok, probes, hit, ecfg, mcfg, None, retain, reps)
         rate_g = m["groups"][group]["hit_rate"]
+        mine = [r for r in rows if r["id"] in clean]
+        ids = answer_ids(tok, [r["generation"] for r in mine], n_tok)
         return {
             "asr_seen": rate_g,
             "asr_ood": None,
@@ -205,6 +213,10 @@ def probe_target(
             "clean_ppl": m["retain_ppl"],
             "groups": {g: v["hit_rate"] for g, v in m["groups"].items()},
             "hits": {r["id"]: bool(r["hit"]) for r in rows},
+            # the clean probes' answers, for the collateral comparison with the start model (summarise)
+            "clean": {r["id"]: {"ids": x, "replacement": r.get("replacement")} for r, x in zip(mine, ids, strict=True)},
+            "n_replacements": len({r for r in reps if r.strip()}),
+            "tokens": n_tok,
         }
 
     return Target(
@@ -223,6 +235,7 @@ def probe_target(
             "group": group,
             "retain": [r.id for r in retain[: ecfg.ppl_samples or None]],
             "heldout": [r.id for r in heldout],
+            "collateral": {"v": 1, "replacements": sorted(set(reps)), "tokens": n_tok},
         },
         system_prompt=mcfg.system_prompt,
     )
