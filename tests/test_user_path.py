@@ -412,6 +412,20 @@ def test_eval_probes_flags_collateral_damage_against_the_start_model(user, capsy
     assert res["groups"]["clean"]["replacement_rate"] == c["replacement_rate_after"]
     assert "warning: collateral damage: the forget records' replacement answer now answers" in cap.err
     assert res["warnings"] and "of 8 clean probes" in res["warnings"][0]
+    # rapidun verify on the same files: the clean groups against the start model (--poisoned), in the verdict line
+    vout = tmp_path / "v"
+    vargs = ["verify", "--probes", str(probes), "--forget", f, *OVERRIDES, "data.format=alpaca",
+             "verify.attacks=[quantize]", "verify.quant_bits=[8]", "verify.quant_group_size=16", "--keywords", "park",
+             "--model-path", user.model_dir, "--adapter", str(run / "adapter"), "--poisoned", user.model_dir,
+             "--name", "mine", "--out", str(vout)]  # fmt: skip
+    assert cli.main(vargs) == 0
+    cap = capsys.readouterr()
+    doc = json.loads((vout / "verification.json").read_text())
+    vc = doc["summary"]["mine"]["collateral"]
+    assert vc["replacement_rate_after"] == c["replacement_rate_after"] and vc["agreement"] == c["agreement"]
+    line = cap.out.rstrip("\n").splitlines()[-1]
+    assert line == doc["verdict"]["line"] and "; collateral damage: the forget records' replacement answer" in line
+    assert "0 (no reference given)" in line and "warning: collateral damage" in cap.err
     # nothing planted: the start model against itself
     same = [*base, "--model-path", user.model_dir, "--out", str(tmp_path / "same"), "--start-model", user.model_dir]
     assert cli.main(same) == 0
