@@ -28,7 +28,8 @@ def test_methods_table_shows_mean_std_speedups_tests_and_the_projection(capsys):
         "vs": "rapidun",
         "asr_seen": {
             "bootstrap": {"diff": -0.05, "ci_low": -0.1, "ci_high": 0.0, "test": "paired bootstrap"},
-            "mcnemar": {"only_a": 3, "only_b": 0, "p": 0.25, "test": "exact McNemar"},
+            "prompt_test": {"p": 0.25, "test": "sign-flip on prompts"},
+            "mcnemar": {"only_a": 3, "only_b": 0, "p": 0.0625, "test": "exact McNemar"},
         },
     }
     report = {
@@ -65,7 +66,8 @@ def test_methods_table_shows_mean_std_speedups_tests_and_the_projection(capsys):
     assert "projected" in out and "7,192" in out
     paired = next(line for line in lines if line.startswith("ga ") and "[" in line)
     assert "-0.050 [-0.100, +0.000]" in paired and "0.25" in paired
-    assert "paired bootstrap" in out and "exact McNemar" in out and "demo: 2 seed(s)" in out
+    assert "0.0625" not in paired  # the headline p is the prompt-level test's, not the pooled McNemar's
+    assert "paired bootstrap" in out and "sign-flip on prompts" in out and "demo: 2 seed(s)" in out
 
 
 def test_demo_note_states_what_the_demo_trims():

@@ -61,6 +61,7 @@ def _test(rng: np.random.Generator) -> dict:
             "n_seeds": 2,
             "test": "paired bootstrap over prompts (seeds and methods kept paired), percentile CI",
         },
+        "prompt_test": {"p": 0.5078125, "n_prompts": 30, "n_seeds": 2, "test": "sign-flip"},
         "mcnemar": {
             "only_a": 3,
             "only_b": 7,
@@ -267,7 +268,8 @@ def test_numbers_come_from_report(full):
     assert f"\\[{t['ci_low']:.3f}, {t['ci_high']:.3f}\\]" in md  # brackets escaped in markdown
     assert f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]" in html
     assert "exact McNemar (two-sided binomial on discordant pairs)" in md
-    assert "0.344" in md  # p
+    assert "0.344" in md  # p (McNemar, pooled)
+    assert "0.508" in md and "p (prompts)" in md  # the headline p: prompt-level sign-flip
     assert not re.search(r"\b(better|worse)\b", md, re.IGNORECASE)
     # header, detector, demo note, incomplete seed, config yaml, environment
     assert "precision 0.975, recall 0.963" in md

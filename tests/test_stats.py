@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from rapidun import stats
 from rapidun.stats import bootstrap_indices, compare_hits, mcnemar_exact, mean_std, paired_bootstrap
 
 
@@ -16,13 +17,13 @@ def _slow_bootstrap(a, b, n_boot, seed, level):
     a = np.repeat(a, s, axis=0) if a.shape[0] == 1 else a
     b = np.repeat(b, s, axis=0) if b.shape[0] == 1 else b
     idx = bootstrap_indices(a.shape[1], n_boot, seed)
-    stats = []
+    boot = []
     for row in idx:
         ra = [[a[i, j] for j in row] for i in range(s)]
         rb = [[b[i, j] for j in row] for i in range(s)]
-        stats.append(np.mean(rb) - np.mean(ra))
+        boot.append(np.mean(rb) - np.mean(ra))
     alpha = (1 - level) / 2
-    lo, hi = np.percentile(stats, [100 * alpha, 100 * (1 - alpha)])
+    lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)])
     return float(np.mean(b) - np.mean(a)), float(lo), float(hi)
 
 
@@ -153,3 +154,69 @@ def test_mean_std():
     assert mean_std([]) == {"mean": None, "std": None, "n": 0}
     r = mean_std([1.0, float("inf")])
     assert r["mean"] == float("inf") and r["std"] is None and r["n"] == 2
+
+
+# ---------------------------------------------------------------- prompt-level sign-flip test
+
+
+def slow_sign_flip_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Every one of the 2^P sign patterns of the per-prompt mean differences, enumerated."""
+    import itertools
+
+    c = b.astype(float).mean(axis=0) - a.astype(float).mean(axis=0)
+    t = abs(c.sum())
+    hits = 0
+    for signs in itertools.product((-1.0, 1.0), repeat=c.size):
+        hits += abs(np.dot(signs, np.abs(c))) >= t - 1e-12
+    return hits / 2**c.size
+
+
+@pytest.mark.parametrize(("seed", "s"), [(0, 1), (1, 3), (2, 5), (3, 2)])
+def test_prompt_sign_flip_matches_enumeration(seed, s):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2, size=(s, 12))
+    b = rng.integers(0, 2, size=(s, 12))
+    r = stats.prompt_sign_flip(a, b)
+    assert r["exact"] and r["p"] == pytest.approx(slow_sign_flip_p(a, b), rel=1e-12, abs=1e-15)
+    assert r["diff"] == pytest.approx(b.mean() - a.mean())
+    assert r["n_nonzero"] == int(np.count_nonzero(b.sum(0) - a.sum(0)))
+
+
+def test_prompt_sign_flip_hand_case():
+    # two prompts, one seed each: b hits on both, a on neither → T = 2; |T*| ≥ 2 for (+,+) and (−,−): p = 2/4
+    assert stats.prompt_sign_flip(np.array([[0, 0]]), np.array([[1, 1]]))["p"] == pytest.approx(0.5)
+    # identical methods: p = 1
+    x = np.array([[1, 0, 1], [0, 0, 1]])
+    assert stats.prompt_sign_flip(x, x)["p"] == 1.0
+
+
+def test_prompt_sign_flip_one_seed_equals_mcnemar():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        a, b = rng.integers(0, 2, size=(1, 40)), rng.integers(0, 2, size=(1, 40))
+        assert stats.prompt_sign_flip(a, b)["p"] == pytest.approx(stats.mcnemar_exact(a, b)["p"], rel=1e-9)
+
+
+def test_prompt_sign_flip_counts_a_recurring_prompt_once():
+    """The same 6 discordant prompts in each of 5 seeds: McNemar sees 30 independent pairs (p ≈ 2e-9), the prompt
+    test sees 6 prompts (p = 2/64)."""
+    a = np.zeros((5, 40), dtype=int)
+    b = a.copy()
+    b[:, :6] = 1
+    assert stats.mcnemar_exact(a, b)["p"] < 1e-8
+    assert stats.prompt_sign_flip(a, b)["p"] == pytest.approx(2 / 64)
+
+
+def test_prompt_sign_flip_float_outcomes_monte_carlo():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(3, 10)), rng.normal(size=(3, 10)) + 0.3
+    r = stats.prompt_sign_flip(a, b, n_perm=50_000, seed=1)
+    assert not r["exact"] and abs(r["p"] - slow_sign_flip_p(a, b)) < 0.01
+
+
+def test_prompt_sign_flip_broadcast_and_in_compare_hits():
+    a = np.array([[1, 0, 1, 1, 0, 1]])
+    b = np.array([[0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]])
+    r = stats.prompt_sign_flip(a, b)
+    assert r["n_seeds"] == 2 and r["p"] == pytest.approx(slow_sign_flip_p(np.repeat(a, 2, axis=0), b))
+    assert stats.compare_hits(a, b)["prompt_test"]["p"] == r["p"]

@@ -34,7 +34,8 @@ def _r(diff: float, p: float, only_a: int = 3, only_b: int = 1, n_prompts: int =
     """One ``compare_hits``-shaped result."""
     return {
         "bootstrap": {"diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "n_prompts": n_prompts, "n_seeds": 2},
-        "mcnemar": {"p": p, "only_a": only_a, "only_b": only_b, "n_pairs": 40},
+        "prompt_test": {"p": p, "n_prompts": n_prompts, "n_seeds": 2},
+        "mcnemar": {"p": p / 4, "only_a": only_a, "only_b": only_b, "n_pairs": 40},
     }
 
 
@@ -58,7 +59,8 @@ def test_tests_by_split_regroups_and_copies_the_fields():
         for label, ms in t[split].items():
             for metric, r in ms.items():
                 src = RAW[label][prefix + metric]
-                assert r["diff"] == src["bootstrap"]["diff"] and r["p"] == src["mcnemar"]["p"]
+                assert r["diff"] == src["bootstrap"]["diff"] and r["p"] == src["prompt_test"]["p"]
+                assert r["p_mcnemar"] == src["mcnemar"]["p"]
                 assert (r["ci_low"], r["ci_high"]) == (src["bootstrap"]["ci_low"], src["bootstrap"]["ci_high"])
                 assert (r["only_ref"], r["only_method"]) == (src["mcnemar"]["only_a"], src["mcnemar"]["only_b"])
                 assert (r["n_prompts"], r["n_seeds"]) == (20, 2)
@@ -74,11 +76,11 @@ def test_tests_by_split_holm_over_labels_per_split_and_metric():
     for split, prefix in (("val", "val_"), ("test", "")):
         for metric in METRICS:
             labels = [lab for lab in "abc" if prefix + metric in RAW[lab]]
-            want = holm([RAW[lab][prefix + metric]["mcnemar"]["p"] for lab in labels])
+            want = holm([RAW[lab][prefix + metric]["prompt_test"]["p"] for lab in labels])
             assert [t[split][lab][metric]["p_holm"] for lab in labels] == pytest.approx(want)
     # the families are separate: changing a val p moves no test p_holm
     other = json.loads(json.dumps(RAW))
-    other["b"]["val_asr_trig"]["mcnemar"]["p"] = 0.9
+    other["b"]["val_asr_trig"]["prompt_test"]["p"] = 0.9
     t2 = regroup(other)
     assert t2["test"] == t["test"] and t2["val"]["a"]["asr_trig"]["p_holm"] != t["val"]["a"]["asr_trig"]["p_holm"]
     assert regroup({}) == {"val": {}, "test": {}}
@@ -167,7 +169,9 @@ def test_decision_text_for_every_case():
     assert "better" not in text.lower()
     lines = {k: next(s for s in text.split(". ") if s.startswith(k + ":")) for k in study["scenarios"]}
     assert "validation selects rapidun_t2" in lines["s_win"] and "-0.250 [-0.300, -0.200]" in lines["s_win"]
-    assert "Holm-adjusted McNemar p 0.004" in lines["s_win"] and "10.00 (limit 11.00)" in lines["s_win"]
+    assert (
+        "Holm-adjusted p 0.004 (prompt-level sign-flip)" in lines["s_win"] and "10.00 (limit 11.00)" in lines["s_win"]
+    )
     assert "lower ASR than the reference at matched utility" in lines["s_win"]
     assert "selects coverage" in lines["s_ns"] and lines["s_ns"].endswith(
         "not a significant difference from the reference"
@@ -306,7 +310,7 @@ def test_paired_tests_metrics_and_val_splits_then_tests_by_split(tmp_path):
     assert set(paired_tests(no_val, files, "ref", 20, metrics)["x"]) == {"vs", "asr_trig"}
     t = regroup(raw)
     assert set(t["val"]["x"]) == {"asr_trig", "asr_seen"} and set(t["test"]["x"]) == {"asr_trig"}
-    ps = [raw[m]["val_asr_seen"]["mcnemar"]["p"] for m in ("x", "y")]
+    ps = [raw[m]["val_asr_seen"]["prompt_test"]["p"] for m in ("x", "y")]
     assert [t["val"][m]["asr_seen"]["p_holm"] for m in ("x", "y")] == pytest.approx(holm(ps))
 
 

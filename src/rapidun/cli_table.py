@@ -92,12 +92,12 @@ def print_table(report: dict[str, Any]) -> None:
         if tested:
             ref = next(iter(tested.values()))["vs"]
             print()
-            rows = [("paired vs " + ref, "ASR seen diff [95% CI]", "McNemar p", "ASR OOD diff [95% CI]", "McNemar p")]
+            rows = [("paired vs " + ref, "ASR seen diff [95% CI]", "p", "ASR OOD diff [95% CI]", "p")]
             for n, t in tested.items():
                 cells: list[str] = []
                 for k in ("asr_seen", "asr_ood"):
                     if k in t:
-                        bs, mc = t[k]["bootstrap"], t[k]["mcnemar"]
+                        bs, mc = t[k]["bootstrap"], t[k]["prompt_test"]
                         cells += [f"{bs['diff']:+.3f} [{bs['ci_low']:+.3f}, {bs['ci_high']:+.3f}]", f"{mc['p']:.3g}"]
                     else:
                         cells += ["-", "-"]
@@ -105,10 +105,7 @@ def print_table(report: dict[str, Any]) -> None:
             _print_rows(rows)
             t0 = next((t[k] for t in tested.values() for k in ("asr_seen", "asr_ood", "false_trigger") if k in t), None)
             if t0 is not None:
-                print(
-                    f"diff = method − {ref}; {t0['bootstrap']['test']}; {t0['mcnemar']['test']}, pairs pooled over "
-                    "seeds"
-                )
+                print(f"diff = method − {ref}; {t0['bootstrap']['test']}; p: {t0['prompt_test']['test']}")
     fam = report["models"]["poisoned"]["asr_seen_by_family"]
     print("poisoned ASR by family (seen):", ", ".join(f"{k} {v:.2f}" for k, v in fam.items()))
     fam = report["models"]["poisoned"]["asr_ood_by_family"]

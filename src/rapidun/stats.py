@@ -6,7 +6,11 @@ single row is broadcast to every seed, i.e. each seed of the other method is pai
 
 - :func:`paired_bootstrap`: percentile CI of ``d = mean(b) − mean(a)`` by resampling prompt columns (seeds and
   methods stay paired).
-- :func:`mcnemar_exact`: exact two-sided McNemar test on the pooled discordant pairs.
+- :func:`prompt_sign_flip`: the headline test. The prompt is the unit: the per-prompt mean differences over seeds
+  are tested with an exact sign-flip (permutation) test, so a prompt that recurs in every seed counts once.
+- :func:`mcnemar_exact`: exact two-sided McNemar test on the pooled discordant pairs (kept for reference: with
+  several seeds it treats the ``S × P`` pairs as independent although the same prompt recurs in every seed, so its
+  p-value is too small whenever outcomes correlate across seeds; with one seed it equals :func:`prompt_sign_flip`).
 """
 
 from __future__ import annotations
@@ -174,14 +178,86 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     }
 
 
-def compare_hits(ref: np.ndarray, other: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Both paired tests of ``other`` against ``ref`` (hit matrices ``(S, P)``).
+def _sign_flip_tail(d: np.ndarray, t_obs: int) -> float:
+    """``P(|Σ_j ε_j d_j| ≥ |t_obs|)`` for iid fair signs ``ε_j``, integer ``d_j ≥ 0`` (exact, by convolution).
+
+    The distribution of the signed sum lives on the integers ``−D..D`` (``D = Σ d_j``): start from a point mass at 0
+    and, for each ``d_j > 0``, replace ``q`` by ``(q shifted by +d_j + q shifted by −d_j) / 2``.
+    """
+    d = d[d > 0]
+    total = int(d.sum())
+    q = np.zeros(2 * total + 1)  # index k ↔ sum k − total
+    q[total] = 1.0
+    for dj in d.tolist():
+        nq = np.zeros_like(q)
+        nq[dj:] += 0.5 * q[: q.size - dj]
+        nq[: q.size - dj] += 0.5 * q[dj:]
+        q = nq
+    sums = np.abs(np.arange(-total, total + 1))
+    return float(min(1.0, q[sums >= abs(t_obs)].sum()))
+
+
+def prompt_sign_flip(a: np.ndarray, b: np.ndarray, n_perm: int = 100_000, seed: int = 0) -> dict[str, Any]:
+    """Paired test with the prompt as the unit (seeds nested in prompts): a two-sided sign-flip test.
+
+    Per prompt ``j`` the difference of the means over seeds ``c_j = mean_s b[s, j] − mean_s a[s, j]``; statistic
+    ``T = Σ_j c_j``. Under H0 (the two methods are exchangeable on every prompt) the sign of each ``c_j`` is a fair
+    coin, independently across prompts; ``p = P(|T*| ≥ |T|)`` over the ``2^P`` sign patterns. For 0/1 (or integer)
+    outcomes ``S · c_j`` is an integer and the null distribution is computed exactly by convolution; otherwise by
+    ``n_perm`` random sign patterns (``p = (1 + #{|T*| ≥ |T|}) / (1 + n_perm)``). With one seed and 0/1 outcomes
+    this equals the exact McNemar test.
+
+    Args:
+        a: reference method's outcomes, shape ``(S, P)`` (``S = 1`` broadcasts, as in :func:`paired_bootstrap`).
+        b: compared method's outcomes, same shape.
+        n_perm: random sign patterns when the outcomes are not integers.
+        seed: RNG seed of those patterns.
 
     Returns:
-        ``{"bootstrap": paired_bootstrap(ref, other, n_boot, seed), "mcnemar": mcnemar_exact(ref, other)}``.
+        ``{"diff": T / P, "n_prompts", "n_seeds", "n_nonzero" (prompts with c_j ≠ 0), "p", "exact", "test"}``.
+
+    Raises:
+        ValueError: arrays not 2-D, unequal shapes, or no prompts or seeds.
+    """
+    a, b = _pair(a, b, ndim=2)
+    s, p = a.shape
+    if p == 0 or s == 0:
+        raise ValueError(f"need at least one seed and one prompt, got shape {a.shape}")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sums = (b - a).sum(axis=0)  # (P,) = S · c_j
+    exact = bool(np.all(sums == np.round(sums)))
+    if exact:
+        d = np.abs(np.round(sums)).astype(np.int64)
+        pval = _sign_flip_tail(d, int(np.round(sums).sum()))
+    else:
+        c = sums / s
+        flips = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, p))  # (n_perm, P)
+        t_star = np.abs(flips @ np.abs(c))
+        t_obs = abs(float(c.sum()))
+        pval = float((1 + np.count_nonzero(t_star >= t_obs - 1e-12 * max(1.0, t_obs))) / (1 + n_perm))
+    return {
+        "diff": float(sums.sum() / (s * p)),
+        "n_prompts": int(p),
+        "n_seeds": int(s),
+        "n_nonzero": int(np.count_nonzero(sums)),
+        "p": float(pval),
+        "exact": exact,
+        "test": "two-sided sign-flip test on per-prompt mean differences (prompt = unit, seeds nested)"
+        + ("" if exact else f", {n_perm} random sign patterns"),
+    }
+
+
+def compare_hits(ref: np.ndarray, other: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The paired tests of ``other`` against ``ref`` (hit matrices ``(S, P)``).
+
+    Returns:
+        ``{"bootstrap": paired_bootstrap(ref, other, n_boot, seed), "prompt_test": prompt_sign_flip(ref, other),
+        "mcnemar": mcnemar_exact(ref, other)}``; ``prompt_test`` is the headline p-value (``mcnemar`` pools the
+        ``S × P`` pairs as independent and is kept for reference).
     """
     return {
         "bootstrap": paired_bootstrap(ref, other, n_boot=n_boot, seed=seed),
+        "prompt_test": prompt_sign_flip(ref, other),
         "mcnemar": mcnemar_exact(ref, other),
     }
 

@@ -20,7 +20,7 @@ Each scenario is an ordinary run folder ``OUT/<scenario>/`` (scenario, cached SF
 (label, seed) an ordinary resumable cell of :func:`rapidun.compare.run_cell`, so a killed study resumes.
 Selection is made on validation only: per scenario the label with the lowest mean ``val_asr_trig`` among those
 whose mean validation clean perplexity stays within ``ppl_factor`` × the poisoned model's. Test figures are
-reported for every label, paired against the reference with bootstrap CIs and exact McNemar p-values,
+reported for every label, paired against the reference with bootstrap CIs and prompt-level sign-flip p-values,
 Holm-adjusted over the labels of a (scenario, split, metric) family.
 
 ``select_on: relearn`` chooses on removal rather than on hiding (:mod:`rapidun.study_robust`): every label's first
@@ -227,7 +227,8 @@ def tests_by_split(raw: dict[str, Any]) -> dict[str, Any]:
                     "diff": b["diff"],
                     "ci_low": b["ci_low"],
                     "ci_high": b["ci_high"],
-                    "p": r["mcnemar"]["p"],
+                    "p": r["prompt_test"]["p"],
+                    "p_mcnemar": r["mcnemar"]["p"],
                     "p_holm": None,
                     "n_prompts": b["n_prompts"],
                     "n_seeds": b["n_seeds"],
@@ -401,7 +402,8 @@ def decision(study: dict[str, Any]) -> str:
         where = "after the same attack (test half of the relearning pool) " if robust else ""
         lines.append(
             f"{name}: {who} {sel}; on the test prompts {where}its seen+OOD ASR minus {ref}'s is "
-            f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], Holm-adjusted McNemar p {p_s}, "
+            f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], Holm-adjusted p {p_s} (prompt-level "
+            "sign-flip), "
             f"test clean perplexity {ppl_s} (limit {lim_s}): {_verdict(t, ppl, lim, robust)}"
         )
     return " ".join(lines)

@@ -239,20 +239,21 @@ def paired_after(
     n_boot: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Selected vs reference on the test prompts, after the relearning attack and before it (seeds paired by
-    position: ``ref[j]`` with ``sel[j]``): bootstrap CI of the difference and exact McNemar p
+    position: ``ref[j]`` with ``sel[j]``): bootstrap CI of the difference and the prompt-level sign-flip p
     (:func:`rapidun.stats.compare_hits`), entries shaped as :func:`rapidun.study.tests_by_split`'s."""
     ids = [r.id for s in TEST_SPLITS for r in parts.get(s, [])]
     out: dict[str, Any] = {}
     for metric, cell in (("asr_after", "relearn"), ("asr_before", "base")):
         r = compare_hits(_hits(cells, ref, cell, ids), _hits(cells, sel, cell, ids), n_boot=n_boot, seed=0)
-        b, m = r["bootstrap"], r["mcnemar"]
+        b, m, pt = r["bootstrap"], r["mcnemar"], r["prompt_test"]
         out[metric] = {
             "vs": ref_label,
             "diff": b["diff"],
             "ci_low": b["ci_low"],
             "ci_high": b["ci_high"],
-            "p": m["p"],
-            "p_holm": holm([m["p"]])[0],  # one selected label: a family of one
+            "p": pt["p"],
+            "p_mcnemar": m["p"],
+            "p_holm": holm([pt["p"]])[0],  # one selected label: a family of one
             "n_prompts": b["n_prompts"],
             "n_seeds": b["n_seeds"],
             "only_ref": m["only_a"],

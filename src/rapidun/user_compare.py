@@ -11,7 +11,7 @@ key matches, so a killed comparison resumes. The start model, and a retrain refe
 
 Per method: mean ± sample std over seeds of each group's hit rate, of the forget / replacement / retain
 perplexities and of the measured time; per group, the paired difference against ``compare.reference`` on the same
-probes and seeds (paired bootstrap CI and exact McNemar p, :func:`rapidun.stats.compare_hits`).
+probes and seeds (paired bootstrap CI and the prompt-level sign-flip p, :func:`rapidun.stats.compare_hits`).
 ``OUT/report.json`` (schema ``rapidun.user_report/1``) and ``OUT/report.md``.
 """
 
@@ -309,10 +309,10 @@ def render_md(report: dict[str, Any]) -> str:
         ppl = [_pm(m[k], ".2f") for k in PPL_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells + ppl + [_pm(m["time_s"], ".0f")]) + " |")
     lines += ["", f"Paired against {report['reference']} (same probes and seeds; diff = method − reference):", ""]
-    lines += ["| method | group | diff [95% CI] | McNemar p |", "|---|---|---:|---:|"]
+    lines += ["| method | group | diff [95% CI] | p (prompts) |", "|---|---|---:|---:|"]
     for name, t in report["tests"].items():
         for g in groups:
-            b, mc = t[g]["bootstrap"], t[g]["mcnemar"]
+            b, mc = t[g]["bootstrap"], t[g]["prompt_test"]
             lines.append(
                 f"| {name} | {g} | {b['diff']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}] | {mc['p']:.3g} |"
             )
@@ -350,7 +350,7 @@ def user_blocks(report: dict[str, Any]) -> list[Block]:
     trows = []
     for name, t in report["tests"].items():
         for g in groups:
-            b, mc = t[g]["bootstrap"], t[g]["mcnemar"]
+            b, mc = t[g]["bootstrap"], t[g]["prompt_test"]
             trows.append([name, g, f"{b['diff']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]", f"{mc['p']:.3g}"])
     out: list[Block] = [
         Heading("rapidun compare on your files", 1),
@@ -363,7 +363,7 @@ def user_blocks(report: dict[str, Any]) -> list[Block]:
         ),
         Heading(f"Paired against {report['reference']}", 2),
         Table(
-            ["Method", "Group", "Diff [95% CI]", "McNemar p"],
+            ["Method", "Group", "Diff [95% CI]", "p (prompts)"],
             trows,
             "From report.json: tests.NAME.GROUP; same probes and seeds, diff = method − reference.",
             ["l", "l", "r", "r"],

@@ -101,7 +101,7 @@ def paired_facts(sc: dict[str, Any], reference: str) -> list[Block]:
                 size = f"{_text(t.get('n_prompts'))} prompts × {_text(t.get('n_seeds'))} seeds"
                 items.append(
                     (f"{label} − {reference}, test ASR {when}",
-                     f"{_diff_ci(t)}, McNemar p {_p(t.get('p'))}, Holm p {_p(t.get('p_holm'))} ({size})")
+                     f"{_diff_ci(t)}, p {_p(t.get('p'))} (prompts), Holm p {_p(t.get('p_holm'))} ({size})")
                 )  # fmt: skip
     return [Facts(items)]
 

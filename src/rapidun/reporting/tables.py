@@ -165,7 +165,8 @@ def methods_table(run: RunData) -> list[Block]:
 
 
 def paired_tests(run: RunData) -> list[Block]:
-    """Paired bootstrap CI and exact McNemar test of each method against the reference (``tests.vs``)."""
+    """Paired bootstrap CI, the prompt-level sign-flip p (headline) and the pooled McNemar p of each method against
+    the reference (``tests.vs``)."""
     entries = []
     for name, me in run.methods.items():
         tests = me.get("tests")
@@ -177,7 +178,8 @@ def paired_tests(run: RunData) -> list[Block]:
         for metric in TESTED:
             t = tests.get(metric)
             if isinstance(t, dict):
-                entries.append((name, vs, metric, as_dict(t.get("bootstrap")), as_dict(t.get("mcnemar"))))
+                entries.append((name, vs, metric, as_dict(t.get("bootstrap")), as_dict(t.get("mcnemar")),
+                                as_dict(t.get("prompt_test"))))  # fmt: skip
     if not entries:
         return [Note("No paired tests in report.json (one method, or no methods.NAME.tests): section skipped.")]
     refs = sorted({e[1] for e in entries})
@@ -186,9 +188,9 @@ def paired_tests(run: RunData) -> list[Block]:
     level = levels[0] if len(levels) == 1 else "CI"
     headers = ["Method"] + ([] if len(refs) == 1 else ["Ref"])
     headers += ["Metric", f"Diff (method − {ref})", f"{level} CI", "Prompts × seeds"]
-    headers += [f"Only {ref}", "Only method", "Pairs", "p (McNemar)"]
+    headers += [f"Only {ref}", "Only method", "Pairs", "p (prompts)", "p (McNemar, pooled)"]
     rows = []
-    for name, vs, metric, b, m in entries:
+    for name, vs, metric, b, m, pt in entries:
         ci = f"[{fmt_num(b.get('ci_low'))}, {fmt_num(b.get('ci_high'))}]"
         if level == "CI":
             ci = f"{fmt_level(b.get('level'))} {ci}"
@@ -198,7 +200,8 @@ def paired_tests(run: RunData) -> list[Block]:
         size = f"{np_} × {ns}" if np_ is not None and ns is not None else DASH
         row = [name] + ([] if len(refs) == 1 else [vs])
         row += [metric, diff_s, ci, size]
-        row += [str(m.get("only_a", DASH)), str(m.get("only_b", DASH)), str(m.get("n_pairs", DASH)), fmt_p(m.get("p"))]
+        row += [str(m.get("only_a", DASH)), str(m.get("only_b", DASH)), str(m.get("n_pairs", DASH))]
+        row += [fmt_p(pt.get("p")) if pt else DASH, fmt_p(m.get("p"))]
         rows.append(row)
     boot_tests = sorted({str(e[3]["test"]) for e in entries if e[3].get("test")})
     mc_tests = sorted({str(e[4]["test"]) for e in entries if e[4].get("test")})
@@ -207,11 +210,14 @@ def paired_tests(run: RunData) -> list[Block]:
         f"Diff is the method's rate minus {ref}'s rate on the same prompts and seeds; the interval comes from the "
         f"{' / '.join(boot_tests) or 'bootstrap'}"
         + (f" with {' / '.join(n_boot)} resamples" if n_boot else "")
-        + f"; p comes from the {' / '.join(mc_tests) or 'McNemar test'}. Only {ref} / Only method count the paired "
-        "prompt outcomes (attack success, or false trigger on clean prompts) that occurred for that model alone."
+        + "; p (prompts) is the two-sided sign-flip test on the per-prompt mean differences (the prompt is the unit, "
+        "seeds nested: the headline p); p (McNemar, pooled) comes from the "
+        + f"{' / '.join(mc_tests) or 'McNemar test'} on the prompt × seed pairs pooled as if independent (too small "
+        f"when a prompt behaves alike in every seed). Only {ref} / Only method count the paired prompt outcomes "
+        "(attack success, or false trigger on clean prompts) that occurred for that model alone."
     )
-    caption = "From report.json: methods.NAME.tests.METRIC.bootstrap and .mcnemar."
-    return [Paragraph(text), Table(headers, rows, caption, ["l"] * (len(headers) - 8) + ["r"] * 8)]
+    caption = "From report.json: methods.NAME.tests.METRIC.bootstrap, .prompt_test and .mcnemar."
+    return [Paragraph(text), Table(headers, rows, caption, ["l"] * (len(headers) - 9) + ["r"] * 9)]
 
 
 def diagnostics_table(run: RunData) -> list[Block]:
