@@ -11,7 +11,10 @@ One function per step, each timed (never a constant):
    method turns them into draw probabilities instead (importance sampling, loss weights 1).
 3. :func:`unlearn` — a fresh LoRA adapter on the poisoned model trained by :func:`rapidun.train.unlearn_loop`
    (or Fisher noise), then per-sample losses before/after for the audit table, the adapter saved in PEFT
-   format, ``weights.jsonl`` keyed by sample id, and the signal diagnostics (:mod:`rapidun.diagnostics`).
+   format, ``weights.jsonl`` keyed by sample id, and the signal diagnostics (:mod:`rapidun.diagnostics`); on up
+   to :data:`HELDOUT_CHECK` held-out clean records, the perplexity ratio (``heldout``) and the collateral damage
+   against the start model (``collateral``: replacement rate, answer agreement, KL; :mod:`rapidun.eval.collateral`),
+   each with its warning.
 """
 
 from __future__ import annotations
@@ -184,7 +187,9 @@ def unlearn(
     kept = {i for i, _ in held_pairs}
     held_prompts = [format_prompt(tok, r.instruction, r.context, cfg.model.system_prompt)
                     for r in held_recs if r.id in kept]  # fmt: skip
+    t = time.perf_counter()
     start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
+    timings["collateral_s"] = time.perf_counter() - t  # greedy answers + top-K distribution of the start model
 
     weight_info: dict[str, Any] = {}
     t = time.perf_counter()
@@ -320,11 +325,13 @@ def unlearn(
             "ce_after": held_after,
             "ppl_ratio": math.exp(held_after - held_before),
         }
-    if start_snap is not None:
+    if start_snap is not None:  # collateral damage: the held-out prompts' answers against the start model's
+        t = time.perf_counter()
         reps = [r.meta["response_clean"] for r in parts["forget"] if r.meta.get("response_clean")]
         ids = [i for i, _ in held_pairs]
         result["collateral"], _ = compare_with_start(merged, tok, start_snap, held_prompts, held, reps, ids,
                                                      cfg.eval.batch_size)  # fmt: skip
+        timings["collateral_s"] += time.perf_counter() - t
     warns = [
         forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind),
         heldout_warning(result.get("heldout"), u.lr, method.kind),
