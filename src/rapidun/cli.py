@@ -78,7 +78,7 @@ def cmd_tofu(cfg: Any, args: argparse.Namespace) -> None:
 
 def cmd_compare_user(args: argparse.Namespace) -> None:
     """``rapidun compare`` on the user's model, files and probes (:mod:`rapidun.user_compare`)."""
-    from rapidun.cli_unlearn import start_model
+    from rapidun.commands import start_model
     from rapidun.data.packs import load_packs
     from rapidun.eval.probes import hit_rule, load_probes
     from rapidun.io import write_json
@@ -97,7 +97,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
-    model_path, start, _ = start_model(args)
+    model_path, start, _ = start_model(args.model_path, args.adapter)
     if args.retrain_data and args.retrain_model:
         raise RapidunError("give --retrain-model (a reference you have) or --retrain-data (train one), not both")
     base = args.retrain_base or (args.model_path if args.adapter else None)
@@ -158,6 +158,24 @@ def _records_arg(path: str, cfg: Any) -> list:
     from rapidun.data.records import load_records
 
     return load_records(path, cfg.data.format, cfg.data.fields)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """``rapidun finetune``: :func:`rapidun.commands.run_finetune` (the Python API's ``rapidun.finetune`` too)."""
+    from rapidun.commands import check_finetune_out, run_finetune
+
+    cfg = _load(args)
+    check_finetune_out(args.out, args.model_path, args.overwrite)  # before the records are read or a model loads
+    recs = _records_arg(args.records, cfg)
+    meta = run_finetune(args.model_path, recs, cfg, args.out, args.overwrite)
+    tr = meta["train"]
+    curve = tr["loss_curve"]
+    print(
+        f"fine-tuned {args.model_path} on {len(recs)} records: {tr['steps']} steps of sft.batch_size "
+        f"{cfg.sft.batch_size}, training loss {curve[0]:.3f} -> {curve[-1]:.3f}, {tr['time_s']:.1f} s"
+        + (" (reused from the cache: the same model, records and sft.* settings)" if meta.get("cached") else "")
+    )
+    print(f"written to {args.out}: a merged model folder (use it as --model-path, e.g. a retrain reference)")
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
@@ -355,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     from rapidun.eval.command import add_parser as add_eval
 
     add_eval(sub, _common, _hit_rule_args)
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on your records (a LoRA by the sft.* settings, merged) into a new model folder: "
+        "e.g. a retrain reference, trained on your clean data without the forget records",
+        description="LoRA SFT as rapidun's own (sft.lr, sft.epochs, sft.batch_size, sft.lora_*), merged into the "
+        "model and saved to --out (written atomically; cached by content in $RAPIDUN_CACHE/sft). --model-path is "
+        "never modified; an existing --out is refused unless --overwrite and it holds an earlier fine-tune.",
+    )
+    _common(p)
+    p.add_argument("--model-path", required=True, help="the model to fine-tune (folder, hub id or 'default')")
+    p.add_argument("--records", required=True, help="training records (.jsonl/.json/.csv in data.format)")
+    p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("influence", help="per-sample gradient sketches (cached) and the train x test influence matrix")
     _common(p)
     p.add_argument("--model-path", help="model to take gradients at (default: model.name), e.g. the poisoned model")

@@ -29,6 +29,7 @@ INPUT_ARGS = {
     "poisoned": "model",
     "reference": "model",
     "heldout": "file",
+    "records": "file",
 }
 
 

@@ -100,6 +100,13 @@ def load_packs(
     """
     forget = load_records(forget_path, fmt, fields)
     retain_all = load_records(retain_path, fmt, fields)
-    f, r, left, info = build_packs(forget, retain_all, retain_ratio, seed, forget_path, retain_path)
-    info = {"forget_path": forget_path, "retain_path": retain_path, **info}
+    return packs_from_records(forget, retain_all, retain_ratio, seed, forget_path, retain_path)
+
+
+def packs_from_records(
+    forget: list[Record], retain: list[Record], retain_ratio: float, seed: int, forget_where: str, retain_where: str
+) -> tuple[dict[str, list[Record]], dict[str, Any]]:
+    """:func:`load_packs` on records already loaded (``*_where``: where they came from, for errors and the info)."""
+    f, r, left, info = build_packs(forget, retain, retain_ratio, seed, forget_where, retain_where)
+    info = {"forget_path": forget_where, "retain_path": retain_where, **info}
     return {"forget": f, "retain": r, "val_clean": left[:40]}, info
