@@ -248,6 +248,10 @@ def test_finetune_writes_a_model_whose_loss_on_the_records_went_down(user, tmp_p
     with pytest.raises(RapidunError, match="holds no rapidun fine-tune"):
         rapidun.finetune(user.model_dir, recs, out=tmp_path / "mine", overrides=SFT, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    with pytest.raises(RapidunError, match=r"records\[1\]: field 'response' \(response\) is empty"):
+        rapidun.finetune(user.model_dir, [{"instruction": "a", "response": "b"}, {"instruction": "c", "response": ""}],
+                         out=tmp_path / "never", overrides=SFT)  # fmt: skip
+    assert not (tmp_path / "never").exists()
     # overwrite replaces an earlier fine-tune (here with dicts in the configured format)
     again = rapidun.finetune(user.model_dir, alpaca_dicts(recs), out=out, overrides=[*SFT, "data.format=alpaca"],
                              overwrite=True)  # fmt: skip
