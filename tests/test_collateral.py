@@ -126,6 +126,7 @@ def test_mean_kl_on_a_model_matches_a_record_by_record_forward():
                     kls.append(float((lp[t].exp() * (lp[t] - lq[t])).sum()))
     assert got == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert mean_kl(start, rows, dist, tok.pad_token_id) == pytest.approx(0.0, abs=1e-5)
+    assert mean_kl(after, [], start_distribution(start, [], tok.pad_token_id), tok.pad_token_id) == 0.0  # no rows
 
 
 # ---------------------------------------------------------------- thresholds and messages

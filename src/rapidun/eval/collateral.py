@@ -181,6 +181,8 @@ def start_distribution(
 ) -> dict[str, torch.Tensor]:
     """:func:`topk_logprobs` of ``model`` at every answer position of ``rows`` (A positions, row-major)."""
     parts = _answer_pass(model, rows, pad_id, batch_size, lambda lg: topk_logprobs(lg, k))
+    if not parts:  # no rows: an empty distribution (mean_kl gives 0)
+        return {"logp": torch.zeros(0, k), "idx": torch.zeros(0, k, dtype=torch.long), "rest": torch.zeros(0)}
     return {key: torch.cat([p[key] for p in parts]) for key in ("logp", "idx", "rest")}
 
 

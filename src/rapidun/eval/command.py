@@ -63,7 +63,7 @@ def eval_probes(args: argparse.Namespace, cfg: Any) -> None:
     clean = clean_probes(probes, cfg.verify.probe_group) if start_path is not None else []
     path = with_adapter(args.model_path, args.adapter)
     out = prepare_out(args.out, cfg, args.overwrite, "eval", identity(args, "probes", "start_model", "start_adapter"))
-    start = start_side(start_path, probes, clean, hit, cfg, reps) if start_path is not None else None
+    start = start_side(start_path, probes, clean, hit, cfg, reps) if start_path is not None and clean else None
     model, tok, info = load_model(path, cfg.model.device, cfg.model.dtype)
     metrics, rows = evaluate_probes(model, tok, probes, hit, cfg.eval, cfg.model, forget, retain, reps)
     name = args.name or Path(args.adapter or args.model_path).name
