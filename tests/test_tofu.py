@@ -187,3 +187,18 @@ def test_select_and_learnability_rules():
     assert learnability(full, ret, "forget05")["ok"]
     assert not learnability(full | {"forget_quality": 0.02}, ret, "forget05")["ok"]
     assert not learnability(full | {"forget_rouge": 0.3}, ret, "forget05")["ok"]
+
+
+def test_cell_key_leaves_out_the_method_list_but_not_the_settings():
+    from rapidun.config import load_config
+    from rapidun.tofu import cell_key
+
+    ident = {"v": 1, "split": "forget05"}
+    a = load_config(None, ["unlearn.methods=[uniform,npo]"])
+    b = load_config(None, ["unlearn.methods=[uniform,npo,rmu]"])
+    c = load_config(None, ["unlearn.methods=[uniform,npo]", "unlearn.lr=1e-3"])
+    assert cell_key(ident, "f", "npo", a) == cell_key(ident, "f", "npo", b)  # adding a method reuses the cell
+    assert cell_key(ident, "f", "npo", a) != cell_key(ident, "f", "npo", c)  # a setting it reads does not
+    assert cell_key(ident, "f", "npo", a) != cell_key(ident, "f", "uniform", a)
+    legacy_a, legacy_b = (cell_key(ident, "f", "npo", x, with_methods=True) for x in (a, b))
+    assert legacy_a != legacy_b and legacy_a != cell_key(ident, "f", "npo", a)

@@ -227,11 +227,11 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
         for j in range(cfg.compare.n_seeds):
             scfg = seed_config(cfg, j)
             seed = scfg.unlearn.seed
-            key = stable_hash({**ident, "full": full["key"], "method": name, "unlearn": to_dict(scfg.unlearn),
-                               "weighting": to_dict(scfg.weighting), "influence": to_dict(scfg.influence),
-                               "verify": to_dict(scfg.verify), "sft": to_dict(scfg.sft)})  # fmt: skip
             folder = out / "cells" / f"{name}_seed{seed}"
-            cell = _load_or(folder / "cell.json", key)
+            key = cell_key(ident, full["key"], name, scfg, with_methods=False)
+            cell = _load_or(folder / "cell.json", key) or _load_or(
+                folder / "cell.json", cell_key(ident, full["key"], name, scfg, with_methods=True)
+            )  # a cell written before the key left out unlearn.methods (same list: same cell)
             if cell is None:
                 cell = _run_cell(name, scfg, parts, sets, full["path"], folder, ref)
                 cell["key"] = key
@@ -257,6 +257,20 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
     report["files"] = {k: str(v) for k, v in render_tofu(out, report, cells).items()}
     mark_complete(out)
     return report
+
+
+def cell_key(ident: dict[str, Any], full_key: str, name: str, cfg: RunConfig, with_methods: bool = False) -> str:
+    """A cell's content key: the evaluation identity, the full model, the method and every setting it reads.
+
+    ``unlearn.methods`` (which other cells the run holds) is left out, so adding or dropping a method reuses every
+    finished cell; ``with_methods=True`` gives the key of cells written before it was left out.
+    """
+    u = to_dict(cfg.unlearn)
+    if not with_methods:
+        u.pop("methods", None)
+    return stable_hash({**ident, "full": full_key, "method": name, "unlearn": u,
+                        "weighting": to_dict(cfg.weighting), "influence": to_dict(cfg.influence),
+                        "verify": to_dict(cfg.verify), "sft": to_dict(cfg.sft)})  # fmt: skip
 
 
 def _train(meta: dict[str, Any]) -> dict[str, Any]:
