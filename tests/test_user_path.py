@@ -490,6 +490,13 @@ def test_cli_compare_on_files_probes_seeds_tests_and_resume(user, capsys, tmp_pa
         ("rapidun_aligned", "5"): True,
     }  # fmt: skip  (OVERRIDES: unlearn.seed=4)
     assert again["methods"]["uniform"]["hit_rate"] == rep["methods"]["uniform"]["hit_rate"]
+    # dropping a method from unlearn.methods reuses the other method's cells (the list is not part of a cell's key)
+    fewer = [e if not e.startswith("unlearn.methods=") else "unlearn.methods=[uniform]" for e in extra]
+    assert cli.main([*args, *OVERRIDES, *fewer]) == 0
+    capsys.readouterr()
+    only = json.loads((out / "report.json").read_text())
+    assert set(only["methods"]) == {"uniform"}
+    assert all(c["cached"] for c in only["methods"]["uniform"]["per_seed"].values())
     # a missing input is named
     assert cli.main(["compare", "--model-path", user.model_dir, "--forget", user.forget, "--out", str(out)]) == 2
     assert "--retain, --probes" in capsys.readouterr().err

@@ -189,10 +189,9 @@ def compare_user(
             get_method(name)
             cell = out / "seeds" / str(seed) / "methods" / name
             gen = out / "seeds" / str(seed) / "eval" / f"{name}.jsonl"
-            key = stable_hash(
-                {"method": name, "model": fp, "eval": eval_key, "cfg": {k: to_dict(getattr(scfg, k)) for k in
-                 ("unlearn", "weighting", "influence")}}, 16,
-            )  # fmt: skip
+            settings = {k: to_dict(getattr(scfg, k)) for k in ("unlearn", "weighting", "influence")}
+            settings["unlearn"].pop("methods", None)  # which other methods run: adding one reuses this cell
+            key = stable_hash({"method": name, "model": fp, "eval": eval_key, "cfg": settings}, 16)
             mf = cell / "metrics.json"
             if mf.is_file() and gen.is_file() and read_json(mf).get("key") == key:
                 cells[name][str(seed)] = read_json(mf)["entry"] | {"cached": True}
