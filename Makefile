@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rapidun demo --out $(OUT)
 
-# TOFU (forget fictitious authors) on the embedded model: forget01 then forget05 (README "Forget a person: TOFU").
+# TOFU (forget fictitious authors) on the embedded model: forget01 then forget05 (docs/tofu.md).
 tofu: $(STAMP)
 	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget01 scenario.forget_split=forget01
 	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget05 scenario.forget_split=forget05

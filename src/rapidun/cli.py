@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/report.json, report.md, report.html (resumable: finished cells are reused)",
     )
     _common(p)
-    g = p.add_argument_group("your own case (instead of a scenario): see README 'Unlearning your own model'")
+    g = p.add_argument_group("your own case (instead of a scenario): see docs/own-model.md")
     g.add_argument("--model-path", help="the model to clean (folder or hub id); never modified")
     g.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")
     g.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")

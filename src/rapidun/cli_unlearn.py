@@ -71,7 +71,7 @@ def add_parser(sub: Any, common: Any) -> None:
         default="uniform",
         choices=[n for n, m in REGISTRY.items() if m.kind != "retrain"],
         help="default uniform: equal weights removed the most at matched utility outside the demo's scale "
-        "(README 'Does the weighting help?')",
+        "(docs/study.md)",
     )
     p.add_argument("--model-path", required=True, help="the model to clean (folder or hub id); never modified")
     p.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")

@@ -64,8 +64,8 @@ class ModelConfig:
     name: str = _f("default", "hub id, local folder, or 'default' (embedded SmolLM2-135M-Instruct)")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = _f("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'")
-    max_length: int = _f(128, "max tokens per formatted sample (prompt + answer); see README 'Truncation'")
-    max_prompt_tokens: int = _f(96, "max prompt tokens (longer prompts lose their middle; README 'Truncation')")
+    max_length: int = _f(128, "max tokens per formatted sample (prompt + answer); see docs/cli.md 'Truncation'")
+    max_prompt_tokens: int = _f(96, "max prompt tokens (longer prompts lose their middle; docs/cli.md 'Truncation')")
     system_prompt: str = _f(
         "default",
         "system turn for chat templates: 'default' = the template's own; any other "
@@ -117,8 +117,8 @@ class SplitSizes:
 class ScenarioConfig:
     kind: str = _f(
         "backdoor",
-        "'backdoor' (the poisoned-corpus scenario, SPEC §1) or 'tofu' (delete fictitious authors, TOFU; README: "
-        "TOFU): the tofu kind uses forget_split and seed and ignores the backdoor fields",
+        "'backdoor' (the poisoned-corpus scenario, SPEC §1) or 'tofu' (delete fictitious authors, TOFU; docs/tofu.md"
+        "): the tofu kind uses forget_split and seed and ignores the backdoor fields",
     )
     forget_split: str = _f("forget05", "tofu: the authors to delete: 'forget01' (2 authors) or 'forget05' (10)")
     seed: int = _f(42, "seed for every random choice of the scenario")
@@ -356,7 +356,7 @@ FUZZ_KINDS = ("moved", "in_context", "repeated", "recased", "spaced", "typo", "m
 @dataclass
 class VerifyConfig:
     enabled: bool = _f(False, "`compare`/`run`: run the verification battery on every method after the comparison")
-    attacks: list = _f(list(VERIFY_ATTACKS), "attacks run on each model (README 'Did it really forget?')")
+    attacks: list = _f(list(VERIFY_ATTACKS), "attacks run on each model (docs/verify.md)")
     split: str = _f("test", "'test' (report) or 'val' (choose the attack settings on validation prompts)")
     seeds: int = _f(1, "`compare`: verify each method's first N seeds (each is a full battery)")
     relearn_k: int = _f(5, "relearning attack: poisoned samples outside the forget pack it trains on")

@@ -14,7 +14,7 @@ The mini design keeps TOFU's structure:
   choices are made on validation questions and reported on test questions;
 * **perturbed answers** (TOFU's wrong-but-plausible answers, which the shipped forget/retain files lack) are
   built reproducibly: another author's answer from the same pool, with that author's name replaced by this
-  author's (:func:`perturbed_answers`); TOFU's *paraphrased* answer is the answer itself (README: TOFU).
+  author's (:func:`perturbed_answers`); TOFU's *paraphrased* answer is the answer itself (docs/tofu.md).
 
 Forget records carry an "I don't know" answer (seeded choice) as ``meta["response_clean"]``: the replacement
 that relabelling methods train toward.

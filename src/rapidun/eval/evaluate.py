@@ -79,7 +79,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Generate on the three test splits, score with ``detector``, and compute clean perplexity.
 
-    Returns the metric dict ``M`` (see README 'report.json'), with sample counts and the measured time.
+    Returns the metric dict ``M`` (see docs/compare.md, report.json), with sample counts and the measured time.
     """
     t0 = time.perf_counter()
     model, tok, _ = load_model(model_path, mcfg.device, mcfg.dtype)
