@@ -12,7 +12,7 @@ model after unlearning with the start model on the same clean prompts (never tra
 * **agreement** — token-level agreement of the two models' greedy answers over their first ``N`` tokens (the
   answer texts encoded by the tokenizer, no special tokens): per prompt
   ``agree_i = #{t < min(|a_i|, |b_i|): a_it = b_it} / max(|a_i|, |b_i|)`` with both truncated to ``N``
-  (1 when both are empty), averaged over prompts. Below :data:`MIN_AGREEMENT` (0.3) warns.
+  (1 when both are empty), averaged over prompts. Below :data:`MIN_AGREEMENT` (0.2) warns.
 * **KL drift** — the mean per-token ``KL(start ‖ after)`` of the next-token distributions on clean answers,
   teacher-forced (the held-out records' own answers; on probes the start model's greedy answers). The start
   model's distribution is kept as its top :data:`KL_TOPK` tokens plus one bin for the rest of the vocabulary,
@@ -41,9 +41,10 @@ KL_TOPK = 64  # K: start-model tokens kept per answer position for the KL (the r
 REPLACEMENT_RECALL = 0.5  # ROUGE-L recall of a replacement answer in an answer from which it counts as given
 MAX_REPLACEMENT_RISE = 0.10  # replacement rate on clean prompts after − before above which a run warns
 # Mean token agreement with the start model's answers below which a run warns. One flipped token early in a greedy
-# answer makes the rest of it differ, so agreement well below 1 is normal for any run that moved the model (a tiny
-# model at the tests' settings: ~0.6 with a KL of 1e-3); below 0.3 most answers part within their first tokens.
-MIN_AGREEMENT = 0.3
+# answer makes the rest of it differ, so agreement well below 1 is normal for any run that moved the model: the tiny
+# test model at the tests' settings ~0.6; SmolLM2-135M after 40 mild draws (lr 5e-4, retain descent teaching a
+# style) 0.32 with no replacement and held-out perplexity x0.50; the same model destroyed by ascent 0.0.
+MIN_AGREEMENT = 0.2
 
 
 def lcs_bitparallel(a: Sequence[str], b: Sequence[str]) -> int:
