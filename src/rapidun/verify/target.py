@@ -114,7 +114,8 @@ class Target:
         kind: ``scenario`` or ``probes``.
         evaluate: ``(model, tok, desc) -> metrics`` with ``asr_seen``, ``asr_ood`` (None for probes), ``asr_trig``,
             ``clean_ppl`` and ``hits`` (prompt id → hit). For probes ``asr_seen``/``asr_trig`` are the hit rate of
-            the target group and ``groups`` holds every group's.
+            the target group (the leak rate), ``groups`` holds every group's, and ``clean`` the other groups'
+            answers (prompt id → first N token ids and replacement score) for the collateral comparison.
         hit: whether a generation shows the behaviour (the detector, or the user's rule).
         relearn_pool: the records the relearning attack draws its k from.
         relearn_what: how the messages name them.
