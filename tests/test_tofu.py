@@ -109,6 +109,9 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     assert cell.stat().st_mtime_ns == before  # a rerun reuses the finished cell
     c = json.loads(cell.read_text())
     assert set(c["quantize"]) == {"4"} and c["relearn"]["k"] == 2 and c["attack_s"] > 0
+    timings = json.loads((cell.parent / "result.json").read_text())["timings"]
+    assert c["time_s"] == pytest.approx(timings["time_s"] + c["views_s"]) and timings["time_s"] > 0  # measured
+    assert rep["methods"]["uniform"]["time_s"]["mean"] == pytest.approx(c["time_s"])
     assert "int4" in rep["methods"]["uniform"] and "relearn" in rep["methods"]["graddiff"]
     # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model
     full = rep["models"]["full"]["train"]["path"]

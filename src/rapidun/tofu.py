@@ -236,6 +236,8 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
                 cell = _run_cell(name, scfg, parts, sets, full["path"], folder, ref)
                 cell["key"] = key
                 write_json(folder / "cell.json", finite_json(cell))
+            if "views_s" not in cell:  # written by a version that read no unlearning time: take the cell's own record
+                cell["time_s"] = float(read_json(folder / "result.json")["timings"]["time_s"])
             cells.setdefault(name, {})[str(seed)] = cell
             timings[f"method_{name}_seed{seed}"] = cell["time_s"]
     summary = summarise(cells, models)
@@ -299,14 +301,14 @@ def _run_cell(
         views = method_views(method.views, full_path, upart["forget"], upart["retain"], cfg, folder / "influence")
     views_s = time.perf_counter() - t0
     model, tok, res = unlearn(name, upart, full_path, cfg, folder, views=views)
-    time_s = float(res.get("time_s", 0.0)) + views_s
+    time_s = float(res["timings"]["time_s"]) + views_s  # influence + weights + training (+ teacher), measured
     t = time.perf_counter()
     st = model_stats(model, tok, sets, cfg, f"eval:{name}")
     eval_s = time.perf_counter() - t
     write_json(folder / "stats.json", st)
     cell: dict[str, Any] = {h or "all": scores(st, ref, h) for h in (*HALVES, None)}
     cell.update(attacks(model, tok, parts, sets, cfg, ref, name))
-    cell.update({"time_s": time_s, "eval_s": eval_s, "method": name, "seed": cfg.unlearn.seed})
+    cell.update({"time_s": time_s, "views_s": views_s, "eval_s": eval_s, "method": name, "seed": cfg.unlearn.seed})
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
