@@ -229,9 +229,12 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
             seed = scfg.unlearn.seed
             folder = out / "cells" / f"{name}_seed{seed}"
             key = cell_key(ident, full["key"], name, scfg, with_methods=False)
-            cell = _load_or(folder / "cell.json", key) or _load_or(
-                folder / "cell.json", cell_key(ident, full["key"], name, scfg, with_methods=True)
-            )  # a cell written before the key left out unlearn.methods (same list: same cell)
+            cell = _load_or(folder / "cell.json", key)
+            if cell is None:  # a cell written before the key left out unlearn.methods (same list: same cell)
+                cell = _load_or(folder / "cell.json", cell_key(ident, full["key"], name, scfg, with_methods=True))
+                if cell is not None:
+                    cell["key"] = key
+                    write_json(folder / "cell.json", finite_json(cell))
             if cell is None:
                 cell = _run_cell(name, scfg, parts, sets, full["path"], folder, ref)
                 cell["key"] = key
