@@ -582,4 +582,7 @@ def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warn
     assert h["ce_before"] == pytest.approx(sum(ces) / len(ces), abs=1e-5)
     assert h["ppl_ratio"] == pytest.approx(math.exp(h["ce_after"] - h["ce_before"]))
     assert f"held-out clean records ({h['n']}, never trained on)" in cap.out
+    c = json.loads((out / "result.json").read_text())["collateral"]
+    assert f"collateral on the held-out clean prompts ({c['n']}): " in cap.out
+    assert f"answers agree {c['agreement']:.2f} with the start model's" in cap.out
     assert h["ppl_ratio"] > 1.10 and "warning: the held-out clean records' perplexity rose" in cap.err

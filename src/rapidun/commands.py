@@ -158,7 +158,20 @@ def unlearn_lines(method: str, res: dict[str, Any], packs: dict[str, Any] | None
         lines.append(f"held-out clean records ({h['n']}, never trained on): CE {ce}, perplexity x{h['ppl_ratio']:.2f}")
     elif packs is not None:
         lines.append(
-            "held-out clean records: none (a --retain file larger than the buffer leaves some out to check utility)"
+            "held-out clean records: none (a --retain file larger than the buffer leaves some out to check utility; "
+            "or check your own unrelated prompts: rapidun eval --probes P --start-model M)"
+        )
+    c = res.get("collateral")
+    if c and c.get("agreement") is not None:
+        rr = (
+            ""
+            if c.get("replacement_rate_after") is None
+            else f"replacement answer {c['replacement_rate_before']:.2f} -> {c['replacement_rate_after']:.2f}, "
+        )
+        kl = "" if c.get("kl") is None else f", KL {c['kl']:.4f} per token"
+        lines.append(
+            f"collateral on the held-out clean prompts ({c['n']}): {rr}answers agree {c['agreement']:.2f} with the "
+            f"start model's (first {c['tokens']} tokens){kl}"
         )
     return lines
 
