@@ -477,7 +477,7 @@ def _run(
 def _complete(out: Path) -> None:
     """Mark ``out`` complete, as ``rapidun`` does at a command's end (rank 0)."""
     from rapidun.distributed import is_main
-    from rapidun.pipeline import mark_complete
+    from rapidun.run_folder import mark_complete
 
     if is_main():
         mark_complete(out)

@@ -82,7 +82,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     from rapidun.data.packs import load_packs
     from rapidun.eval.probes import hit_rule, load_probes
     from rapidun.io import write_json
-    from rapidun.pipeline import prepare_out
+    from rapidun.run_folder import prepare_out
     from rapidun.user_compare import check_user_methods, compare_user
 
     missing = [f"--{k.replace('_', '-')}" for k in ("model_path", "forget", "retain", "probes") if not getattr(args, k)]
@@ -183,7 +183,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
     from rapidun.influence.engine import influence
     from rapidun.influence.retrieval import write_matrix, write_topk_jsonl
     from rapidun.io import write_json
-    from rapidun.pipeline import prepare_out
+    from rapidun.run_folder import prepare_out
 
     init_from_env()  # several ranks under torchrun / accelerate launch; results are the same
     cfg = _load(args)
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
         if getattr(args, "out", None) and args.cmd != "study":
             from rapidun.distributed import is_main
-            from rapidun.pipeline import mark_complete
+            from rapidun.run_folder import mark_complete
 
             if is_main():
                 mark_complete(args.out)

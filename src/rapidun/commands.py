@@ -88,7 +88,7 @@ def run_unlearn(
 ) -> tuple[Any, Any, dict[str, Any], Path]:
     """Unlearn ``parts`` from ``model_path`` [+ ``adapter``] with ``method`` into the output folder ``out``.
 
-    Claims ``out`` (:func:`rapidun.pipeline.prepare_out` with ``inputs`` as its identity), writes ``packs.json``,
+    Claims ``out`` (:func:`rapidun.run_folder.prepare_out` with ``inputs`` as its identity), writes ``packs.json``,
     the influence views the method needs, then :func:`rapidun.unlearn.unlearn` (adapter, weights, audit, result,
     receipt) and, with ``unlearn.merge``, ``merged/``. Call :func:`check_unlearn` first.
 
@@ -98,7 +98,7 @@ def run_unlearn(
     from rapidun.distributed import barrier, init_from_env, is_main
     from rapidun.io import atomic_path, write_json
     from rapidun.methods import views_kind
-    from rapidun.pipeline import prepare_out
+    from rapidun.run_folder import prepare_out
     from rapidun.unlearn import unlearn
     from rapidun.views import method_views
 

@@ -46,7 +46,8 @@ from rapidun.config import RunConfig, apply_overrides, from_dict, load_config, t
 from rapidun.errors import RapidunError
 from rapidun.io import stable_hash, write_json
 from rapidun.methods import get_method
-from rapidun.pipeline import claim_out, finite_json, stage_base
+from rapidun.pipeline import stage_base
+from rapidun.run_folder import claim_out, finite_json
 from rapidun.stats import holm
 from rapidun.study_robust import check_pools, check_scenario, check_settings, run_robust, selection_info
 

@@ -175,7 +175,7 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
     """The whole TOFU comparison into ``out`` (resumable); returns the report dict (also ``report.json``)."""
     from rapidun.compare import check_methods, seed_config
     from rapidun.finetune import finetune
-    from rapidun.pipeline import environment, finite_json, mark_complete, prepare_out
+    from rapidun.run_folder import environment, finite_json, mark_complete, prepare_out
 
     t_all = time.perf_counter()
     methods = check_methods(cfg)
@@ -413,7 +413,7 @@ def verify_tofu(
     and ``verification.md``; prints the markdown."""
     from rapidun.finetune import finetune
     from rapidun.models import with_adapter
-    from rapidun.pipeline import finite_json, mark_complete, prepare_out
+    from rapidun.run_folder import finite_json, mark_complete, prepare_out
 
     out = prepare_out(out, cfg, overwrite, "verify", ident)
     parts = build_tofu(cfg.scenario.forget_split, cfg.scenario.seed)

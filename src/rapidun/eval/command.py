@@ -29,7 +29,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "say what to evaluate on: --scenario DIR (a scenario's splits) or --probes FILE (your prompts)"
         )
     from rapidun.data.scenario import load_scenario
-    from rapidun.pipeline import make_detector, prepare_out, stage_eval
+    from rapidun.pipeline import make_detector, stage_eval
+    from rapidun.run_folder import prepare_out
 
     parts, _ = load_scenario(args.scenario)
     det, info = make_detector(cfg, parts)
@@ -47,7 +48,7 @@ def eval_probes(args: argparse.Namespace, cfg: Any) -> None:
     from rapidun.eval.probes import clean_probes, evaluate_probes, hit_rule, load_probes, replacements_of
     from rapidun.io import write_json, write_jsonl
     from rapidun.models import load_model, with_adapter
-    from rapidun.pipeline import prepare_out
+    from rapidun.run_folder import prepare_out
 
     if args.scenario:
         raise RapidunError("give either --scenario or --probes, not both")

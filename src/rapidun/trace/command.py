@@ -116,11 +116,11 @@ def cmd_trace(args: argparse.Namespace, cfg: Any, identity: dict[str, Any]) -> d
     """Run the trace (see the module docstring); prints the summary and returns trace.json's content."""
     from rapidun.config import to_dict
     from rapidun.distributed import init_from_env, is_main
-    from rapidun.pipeline import claim_out, finite_json
     from rapidun.reporting.doc import Figure
     from rapidun.reporting.html import render_html
     from rapidun.reporting.markdown import render_markdown
     from rapidun.reporting.trace_tables import trace_blocks
+    from rapidun.run_folder import claim_out, finite_json
     from rapidun.trace.core import ranked_rows, robust_cut, topk_rows, trace
 
     to_forget = parse_to_forget(args.to_forget)

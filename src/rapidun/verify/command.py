@@ -82,9 +82,9 @@ GENTLER = "rerun the unlearning gentler (lower unlearn.lr or unlearn.descent_bet
 def cmd_verify(args: argparse.Namespace, cfg: Any, identity: dict[str, Any]) -> dict[str, Any]:
     """Run the battery (see the module docstring); prints the summary table and returns verification.json."""
     from rapidun.eval.collateral import collateral_warning
-    from rapidun.pipeline import prepare_out
     from rapidun.reporting.markdown import render_markdown
     from rapidun.reporting.verify_tables import verification_blocks
+    from rapidun.run_folder import prepare_out
     from rapidun.verify.stage import run_verification
     from rapidun.verify.verdict import verdict
 
