@@ -352,7 +352,9 @@ def test_registry_matches_config_and_declarations():
     assert {n for n, m in REGISTRY.items() if m.needs_influence} == {
         "rapidun", "random", "rapidun_sampled", "rapidun_aligned", "rapidun_stable", "coverage", "rapidun_dynamic"
     }  # fmt: skip
-    assert all(m.forget_loss in ("relabel_ascent", "ascent", "npo") for m in REGISTRY.values() if m.kind == "loop")
+    losses = ("relabel_ascent", "ascent", "npo", "simnpo", "rmu")
+    assert all(m.forget_loss in losses for m in REGISTRY.values() if m.kind == "loop")
+    assert get_method("simnpo").forget_loss == "simnpo" and get_method("rmu").forget_loss == "rmu"
 
 
 # ---------------------------------------------------------------- Fisher forgetting
