@@ -145,6 +145,7 @@ TINY_RUN = [
     "unlearn.lr=1e-2",
     "unlearn.autocast=off",
     "unlearn.seed=4",
+    "unlearn.schedule=fixed",  # the loop's own behaviour; the calibrated schedule: tests/test_calibrate.py
     "weighting.top_k=3",
 ]
 # A tiny backdoor scenario over the WORDS corpus (poison answers mention "park", the detector's keyword).

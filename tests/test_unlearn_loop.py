@@ -420,9 +420,7 @@ def test_fisher_forget_picks_largest_alpha_within_tolerance(tiny_tok):
     model, retain, val = fisher_setup(tiny_tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     alphas = [0.1, 1e-5, 1e-4, 1e-2]  # tried in ascending order whatever the order given
-    cfg = UnlearnConfig(
-        lora_targets=FISHER_TARGETS, fisher_alphas=alphas, fisher_ppl_tolerance=1.05, fisher_max_std=100.0
-    )
+    cfg = UnlearnConfig(lora_targets=FISHER_TARGETS, fisher_alphas=alphas, utility_budget=1.05, fisher_max_std=100.0)
     res = fisher_forget(model, retain, val, pad, cfg)
     assert res["alpha"] in alphas
     assert [t["alpha"] for t in res["trials"]] == sorted(alphas)

@@ -149,6 +149,17 @@ def unlearn_lines(method: str, res: dict[str, Any], packs: dict[str, Any] | None
         + ", ".join(f"{k.removesuffix('_s')} {t[k]:.1f}" for k in ("influence_s", "mapping_s", "training_s", "time_s"))
         + (" (influence reused from the run folder; its measured time)" if res.get("influence_cached") else "")
     )
+    cal = res.get("calibration")
+    if cal and cal.get("schedule") == "calibrated":
+        steps = res.get("train", {}).get("steps")
+        lr = f"{cal['chosen_lr']:.2g}" + (" (still probing)" if cal.get("ended_in") == "probe" else "")
+        lines.append(
+            f"schedule: calibrated within {cal['budget']:.2f}x held-out perplexity: rate {lr} from the probe "
+            f"{cal['ladder'][0]:.0e}..{cal['ladder'][-1]:.0e}, {steps} steps, {cal['backoffs']} back-off(s), kept "
+            f"step {cal['best_step']} (x{cal['best_utility_ratio']:.3f}, forget signal {cal['start_signal']:.2f} -> "
+            f"{cal['best_signal']:.2f}, target {cal['target']:g}: "
+            f"{'reached' if cal['reached_target'] else 'not reached'}); measuring took {cal['check_s']:.1f} s"
+        )
     lines.append("forget CE poisoned " + _arrow(a["forget_ce_poisoned_before"], a["forget_ce_poisoned_after"])
                  + "; clean " + _arrow(a["forget_ce_clean_before"], a["forget_ce_clean_after"])
                  + "; retain CE " + _arrow(a["retain_ce_before"], a["retain_ce_after"]))  # fmt: skip

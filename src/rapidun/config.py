@@ -50,6 +50,9 @@ def yaml_load(text: str) -> Any:
         raise yaml.YAMLError(f"malformed value: {e}") from None
 
 
+UTILITY_BUDGET = 1.10  # the matched-utility factor: perplexity at most 10% above the start model's (one home)
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with help text (lists/dicts get a factory); its value constraint is in
     :data:`rapidun.config_checks.CHECKS`."""
@@ -258,7 +261,28 @@ class UnlearnConfig:
         "module names that get the unlearning adapter ([all-linear]: every linear layer of the blocks, found "
         "from the model; e.g. the seven projections on Llama)",
     )
-    lr: float = _f(6e-5, "AdamW learning rate (peak; cosine decay to 0)")
+    schedule: str = _f(
+        "calibrated",
+        "'calibrated': the rate is picked by a range probe and the run kept within utility_budget on held-out clean "
+        "records, stopped at calibrate_target (rapidun.calibrate; docs/method.md); 'fixed': SPEC's schedule, lr "
+        "with cosine decay over every step",
+    )
+    utility_budget: float = _f(
+        UTILITY_BUDGET,
+        "held-out clean perplexity may rise to at most this x the start model's: the calibrated schedule's limit, "
+        "the held-out warning's threshold and Fisher's noise limit",
+    )
+    calibrate_lr_min: float = _f(1e-4, "calibrated: the range probe's lowest rate (rungs x sqrt(10))")
+    calibrate_lr_max: float = _f(1e-2, "calibrated: the range probe's highest rate")
+    calibrate_probe_draws: int = _f(16, "calibrated: draws per probe rung (then utility and forget signal measured)")
+    calibrate_every: int = _f(40, "calibrated: draws between measurements in the main run")
+    calibrate_target: float = _f(
+        1.0,
+        "calibrated: stop when the forget signal mean[CE(response) - CE(replacement)] (nats/token; the start "
+        "model's held-out CE where a record has no replacement) reaches this",
+    )
+    calibrate_max_backoffs: int = _f(3, "calibrated: budget crossings (each halves the rate) before the run stops")
+    lr: float = _f(6e-5, "AdamW learning rate (peak; cosine decay to 0) of the fixed schedule")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.0, "linear warm-up fraction of steps before the cosine decay")
     epochs: int = _f(2, "epochs of `draws_per_epoch` draws each")
@@ -300,7 +324,6 @@ class UnlearnConfig:
     fisher_alphas: list = _f(
         [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "Fisher forgetting: noise scales tried; the largest within tolerance wins"
     )
-    fisher_ppl_tolerance: float = _f(1.10, "Fisher: keep val perplexity ≤ tolerance × the poisoned model's")
     fisher_eps: float = _f(1e-8, "Fisher: F + eps before F^(-1/4)")
     fisher_max_std: float = _f(0.05, "Fisher: cap of the per-parameter noise std α·(F+eps)^(-1/4)")
     merge: bool = _f(False, "`rapidun unlearn`: also save the merged model (adapter folded in)")

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from rapidun.compare import aggregate, paired_tests, run_cell, seed_config, views_provider
-from rapidun.config import RunConfig, apply_overrides, from_dict, load_config, to_dict, yaml_load
+from rapidun.config import UTILITY_BUDGET, RunConfig, apply_overrides, from_dict, load_config, to_dict, yaml_load
 from rapidun.errors import RapidunError
 from rapidun.io import stable_hash, write_json
 from rapidun.methods import get_method
@@ -78,7 +78,7 @@ class StudyMethod:
 class StudySettings:
     reference: str = "uniform"
     n_seeds: int = 5
-    ppl_factor: float = 1.10
+    ppl_factor: float = UTILITY_BUDGET
     n_boot: int = 2000
     select_on: str = "asr"  # "asr": validation ASR; "relearn": validation ASR after the relearning attack
     verify_seeds: int = 3  # relearn: the first N seeds of each label are attacked on validation (≤ n_seeds)

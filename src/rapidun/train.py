@@ -190,6 +190,7 @@ def unlearn_loop(
     p_forget: torch.Tensor | None = None,
     p_retain: torch.Tensor | None = None,
     robust: str = "",
+    controller: Any = None,
 ) -> dict[str, Any]:
     """Weighted unlearning of ``model``'s trainable parameters (SPEC §2 step 11).
 
@@ -213,6 +214,10 @@ def unlearn_loop(
         desc: progress-bar label.
         p_forget: (N_f,) draw probabilities within the forget group (importance sampling; None: uniform).
         p_retain: (N_r,) the same for the retain group.
+        controller: a :class:`rapidun.calibrate.Calibrator` (the calibrated schedule): it sets each step's rate
+            (``rate``), measures and may restore the model or stop after a step (``after_step``), backs off on a
+            non-finite loss instead of raising (``diverged``), and leaves the model in its best state
+            (``finish``, recorded in ``calibration``). None: the fixed cosine schedule.
 
     Returns:
         Measured statistics: ``time_s``, ``steps``, ``draws``, ``forget_draws``, ``retain_draws``, ``rows``,
@@ -303,6 +308,11 @@ def unlearn_loop(
             import torch.distributed as dist
 
             dist.all_reduce(value)
+        if not torch.isfinite(value) and controller is not None:
+            opt.zero_grad(set_to_none=True)
+            if controller.diverged(step, opt):
+                break
+            continue
         if not torch.isfinite(value):
             stats["time_s"] = time.perf_counter() - t0
             raise NonFiniteLoss(
@@ -316,6 +326,11 @@ def unlearn_loop(
             _all_reduce_grads(params)
         # The norm is taken after the all-reduce, so every rank sees the same value and stops together.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm) and controller is not None:
+            opt.zero_grad(set_to_none=True)
+            if controller.diverged(step, opt):
+                break
+            continue
         if not torch.isfinite(norm):
             stats["time_s"] = time.perf_counter() - t0
             raise NonFiniteLoss(
@@ -324,6 +339,9 @@ def unlearn_loop(
                 "unlearn.autocast=off if bf16 overflows",
                 stats,
             )
+        if controller is not None:
+            for group in opt.param_groups:
+                group["lr"] = controller.rate(step)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -334,7 +352,11 @@ def unlearn_loop(
         stats["steps"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{value.item():.3f}")
+        if controller is not None and controller.after_step(step + 1, opt):
+            break
     bar.close()
+    if controller is not None:
+        stats["calibration"] = controller.finish()
     elapsed = time.perf_counter() - t0
     model.eval()
     if world > 1:  # rows and tokens of every rank

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from rapidun.config import RunConfig, to_dict
+from rapidun.calibrate import Calibrator
+from rapidun.config import UTILITY_BUDGET, RunConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records, format_prompt
 from rapidun.diagnostics import cell_diagnostics
@@ -255,11 +256,20 @@ def unlearn(
             every = u.loreun_every
         elif method.dynamic:
             refresh, every = dynamic_refresh(forget, retain, pad, cfg), u.dynamic_every
+        ctl = None
+        if u.schedule == "calibrated" and held_before is not None:
+            ctl = make_calibrator(model, forget, held, held_before, u, pad, device)
+        elif u.schedule == "calibrated":
+            result["calibration"] = {"schedule": "fixed", "reason": "no held-out clean records to calibrate on"}
+            result["schedule_note"] = (
+                "unlearn.schedule=calibrated needs held-out clean records (a --retain file larger than the buffer, or "
+                f"the scenario's val_clean); none here, so the fixed schedule ran at unlearn.lr={u.lr:g}"
+            )
         try:
             stats = unlearn_loop(
                 model, forget, retain, u, method.forget_loss, method.retain, w_f, w_r, pad, device,
                 ref_logp=ref, refresh=refresh, refresh_every=every, desc=f"unlearn:{method.name}",
-                p_forget=p_f, p_retain=p_r, robust=method.robust,
+                p_forget=p_f, p_retain=p_r, robust=method.robust, controller=ctl,
             )  # fmt: skip
             result["complete"] = True
         except NonFiniteLoss as e:
@@ -268,6 +278,9 @@ def unlearn(
             result["stopped"] = str(e)
         timings["training_s"] = stats["time_s"]
         result["train"] = stats
+        if "calibration" in stats:
+            result["calibration"] = stats["calibration"]
+            timings["calibration_check_s"] = stats["calibration"]["check_s"]  # inside training_s
         if out is not None and is_main():
             with atomic_path(out / "adapter") as tmp:
                 model.save_pretrained(tmp)
@@ -333,11 +346,13 @@ def unlearn(
                                                      cfg.eval.batch_size)  # fmt: skip
         timings["collateral_s"] += time.perf_counter() - t
     warns = [
-        forget_change_warning(result["audit_means"], u.lr, result.get("complete", True), method.kind),
-        heldout_warning(result.get("heldout"), u.lr, method.kind),
+        forget_change_warning(
+            result["audit_means"], u.lr, result.get("complete", True), method.kind, result.get("calibration")
+        ),
+        heldout_warning(result.get("heldout"), u.lr, method.kind, u.utility_budget),
         collateral_warning(result.get("collateral"), _collateral_fix(u.lr, method.kind)),
     ]
-    result["warnings"] = [w for w in warns if w]
+    result["warnings"] = [w for w in warns if w] + ([result["schedule_note"]] if "schedule_note" in result else [])
     if out is not None and is_main():
         prov = provenance or {}
         start = prov.get("start") or {"model": model_path, "fingerprint": fingerprint(resolve_model_path(model_path))}
@@ -362,12 +377,35 @@ def unlearn(
     return merged, tok, result
 
 
+def make_calibrator(
+    model: Any, forget: list[UItem], held: list[Any], h0: float, u: Any, pad: int, device: torch.device
+) -> Calibrator:
+    """The calibrated schedule's controller for one run (:mod:`rapidun.calibrate`), from the ``unlearn`` settings.
+
+    The step budget is the fixed schedule's (``epochs × draws_per_epoch / batch_size`` steps).
+    """
+    if u.calibrate_lr_min > u.calibrate_lr_max:
+        raise RapidunError(
+            f"unlearn.calibrate_lr_min ({u.calibrate_lr_min:g}) must be <= unlearn.calibrate_lr_max "
+            f"({u.calibrate_lr_max:g})"
+        )
+    total = math.ceil(u.epochs * u.draws_per_epoch / u.batch_size)
+    return Calibrator(
+        model, forget, held, h0, u.utility_budget, u.calibrate_target, u.calibrate_lr_min, u.calibrate_lr_max,
+        u.calibrate_probe_draws, u.calibrate_every, u.calibrate_max_backoffs, u.batch_size, total, pad, device,
+    )  # fmt: skip
+
+
 MIN_FORGET_CHANGE = 0.05  # relative change of the forget records' mean CE below which a run warns
 HELDOUT_CHECK = 40  # held-out clean records (``val_clean``) whose answer loss is measured before and after
-MAX_HELDOUT_PPL_RATIO = 1.10  # held-out perplexity after / before above which a run warns (matched utility)
+MAX_HELDOUT_PPL_RATIO = (
+    UTILITY_BUDGET  # default held-out perplexity ratio above which a run warns (unlearn.utility_budget)
+)
 
 
-def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind: str) -> str | None:
+def forget_change_warning(
+    means: dict[str, Any], lr: float, complete: bool, kind: str, calibrated: dict[str, Any] | None = None
+) -> str | None:
     """A warning when the forget records' mean CE moved less than :data:`MIN_FORGET_CHANGE` (relative).
 
     ``|after − before| / before < 0.05`` on the forget records' own answers means the run barely changed the
@@ -384,6 +422,14 @@ def forget_change_warning(means: dict[str, Any], lr: float, complete: bool, kind
         "unlearn.draws_per_epoch",
         "distill": "check unlearn.distill_base (the model this one was fine-tuned from?) and unlearn.distill_alpha",
     }.get(kind, "raise unlearn.fisher_alphas")
+    if kind == "loop" and calibrated is not None and calibrated.get("schedule") == "calibrated":
+        fix = (
+            f"the calibrated schedule kept the held-out perplexity within {calibrated['budget']:.2f}x (kept "
+            f"x{calibrated['best_utility_ratio']:.3f} at rate {calibrated['chosen_lr']:.2g}): the forget records "
+            "cannot be unlearned further without more damage on these held-out records; raise "
+            "unlearn.utility_budget if that damage is acceptable, or check that the held-out records are unrelated "
+            "to the forget records"
+        )
     return (
         f"the forget records' loss moved only {100 * rel:.1f}% ({b:.3f} -> {a:.3f}), less than "
         f"{100 * MIN_FORGET_CHANGE:.0f}%: this run barely changed the model; {fix}"
@@ -441,15 +487,17 @@ def _audit_rows(
     return rows
 
 
-def heldout_warning(heldout: dict[str, Any] | None, lr: float, kind: str) -> str | None:
-    """A warning when the held-out clean records' perplexity rose more than :data:`MAX_HELDOUT_PPL_RATIO`.
+def heldout_warning(
+    heldout: dict[str, Any] | None, lr: float, kind: str, budget: float = MAX_HELDOUT_PPL_RATIO
+) -> str | None:
+    """A warning when the held-out clean records' perplexity rose more than ``budget`` (``unlearn.utility_budget``).
 
     ``ppl_ratio = exp(CE_after − CE_before)`` over the mean answer CE of up to :data:`HELDOUT_CHECK` clean records
     the run never trained on (the scenario's ``val_clean``; on the user path the retain records not drawn into
     the buffer). The retain buffer's own loss falls even when the model is damaged (it is trained on), so this
     is the run's utility check.
     """
-    if heldout is None or heldout["ppl_ratio"] <= MAX_HELDOUT_PPL_RATIO:
+    if heldout is None or heldout["ppl_ratio"] <= budget:
         return None
     fix = {
         "loop": f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`",
@@ -460,7 +508,7 @@ def heldout_warning(heldout: dict[str, Any] | None, lr: float, kind: str) -> str
     }.get(kind, "lower unlearn.fisher_alphas")
     return (
         f"the held-out clean records' perplexity rose {heldout['ppl_ratio']:.2f}x ({heldout['n']} records, CE "
-        f"{heldout['ce_before']:.3f} -> {heldout['ce_after']:.3f}), more than {MAX_HELDOUT_PPL_RATIO:.2f}x: the "
+        f"{heldout['ce_before']:.3f} -> {heldout['ce_after']:.3f}), more than {budget:.2f}x: the "
         f"unlearning damaged the model beyond its target; {fix}"
     )
 

@@ -5,7 +5,7 @@ retain sample i's mean answer-token CE, is computed for the selected weights (th
 ``unlearn.lora_targets``). Parameters the retain data barely use (small F) get the most noise:
 ``θ ← θ + σ ⊙ ε``, ``σ = min(α·(F + eps)^(−1/4), max_std)``, ``ε ~ N(0, 1)`` seeded. ``α`` is tuned on the
 validation set: the largest value of ``unlearn.fisher_alphas`` whose clean validation perplexity stays within
-``fisher_ppl_tolerance`` × the start model's.
+``utility_budget`` × the start model's.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def fisher_forget(
         apply(alpha)
         ppl = perplexity(model, val, pad_id)
         trials.append({"alpha": alpha, "val_ppl": ppl})
-    ok = [t for t in trials if math.isfinite(t["val_ppl"]) and t["val_ppl"] <= cfg.fisher_ppl_tolerance * ppl0]
+    ok = [t for t in trials if math.isfinite(t["val_ppl"]) and t["val_ppl"] <= cfg.utility_budget * ppl0]
     chosen = ok[-1] if ok else trials[0]
     apply(chosen["alpha"])
     return {

@@ -1,0 +1,255 @@
+"""The calibrated schedule: unlearning that picks its own rate and stops within a utility budget.
+
+A fixed learning rate does nothing on one model and breaks another (SPEC's lr 6e-5 barely moves the 135M demo
+model; the demo's 5e-4 costs Gemma-3-270m 1.68x perplexity). :class:`Calibrator` drives
+:func:`rapidun.train.unlearn_loop` instead, from two measurements taken every few steps on the model itself:
+
+* the **utility ratio** ``u = exp(h − h₀)``: ``h`` the mean answer CE of held-out clean records the run never
+  trains on, ``h₀`` the start model's; the budget is ``u ≤ unlearn.utility_budget`` (1.10: perplexity at most
+  10% above the start model's, the matched-utility rule of the studies);
+* the **forget signal** ``s = mean_i [CE(response_i) − CE(replacement_i)]`` over the forget records (nats per
+  token; a record without a replacement answer uses ``h₀`` in its place: how much less likely than text the model
+  never saw). The target is ``s ≥ unlearn.calibrate_target``.
+
+Phases (deterministic for a seed: the draws are those of the fixed schedule, in order):
+
+1. **Range probe.** The rate climbs a geometric ladder from ``calibrate_lr_min`` to ``calibrate_lr_max`` (×√10 a
+   rung), ``ceil(calibrate_probe_draws / batch)`` steps a rung, measuring after each rung. The steps are real
+   training steps (nothing is thrown away unless the budget is crossed). The first rung whose state crosses the
+   budget (or whose loss is not finite) ends the probe: the model goes back to the best state within the budget
+   and the previous rung's rate becomes the run's rate.
+2. **Main run.** Cosine decay from that rate over the remaining steps, measured every
+   ``ceil(calibrate_every / batch)`` steps. The best state within the budget (highest ``s``) is kept; a check
+   over the budget restores it and halves the rate (**back-off**, at most ``calibrate_max_backoffs`` times); the
+   run stops early when ``s`` reaches the target.
+3. The model ends in the best state within the budget (at worst the start state: an adapter of zeros).
+
+Every choice (rate, steps, back-offs, the measured curve, the time spent measuring) is returned by
+:meth:`Calibrator.record` and lands in result.json and the receipt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from rapidun.data.template import Encoded
+from rapidun.steps import UItem, eval_ce
+
+__all__ = ["Calibrator", "forget_signal", "rate_ladder"]
+
+
+def rate_ladder(lr_min: float, lr_max: float) -> list[float]:
+    """Geometric rates ``lr_min·10^(k/2)`` up to ``lr_max`` (included as the last rung).
+
+    >>> [f"{r:.2g}" for r in rate_ladder(1e-4, 1e-2)]
+    ['0.0001', '0.00032', '0.001', '0.0032', '0.01']
+    """
+    if not (0 < lr_min <= lr_max):
+        raise ValueError(f"need 0 < lr_min <= lr_max, got {lr_min}, {lr_max}")
+    out = [lr_min]
+    while out[-1] * math.sqrt(10) < lr_max * (1 - 1e-9):
+        out.append(out[-1] * math.sqrt(10))
+    if out[-1] < lr_max:
+        out.append(lr_max)
+    return out
+
+
+def forget_signal(ce_response: torch.Tensor, ce_replacement: torch.Tensor, h0: float) -> float:
+    """``s = mean_i [CE(response_i) − r_i]``, ``r_i = CE(replacement_i)`` or ``h0`` where it is NaN (no replacement).
+
+    Args:
+        ce_response: (N_f,) mean answer CE of each forget record's response (the behaviour).
+        ce_replacement: (N_f,) the same for its replacement answer, NaN where it has none.
+        h0: the start model's mean held-out clean CE.
+    """
+    ref = torch.where(torch.isnan(ce_replacement), torch.full_like(ce_replacement, h0), ce_replacement)
+    return float((ce_response - ref).mean())
+
+
+class Calibrator:
+    """The controller :func:`rapidun.train.unlearn_loop` consults at every step (see the module docstring).
+
+    Args:
+        model: the PEFT model being trained (its trainable parameters are snapshotted and restored).
+        forget: the forget samples (their response and replacement rows are scored).
+        held: held-out clean rows (never trained on).
+        h0: the start model's mean CE on ``held``.
+        budget: the utility budget (``u ≤ budget``).
+        target: the forget-signal target.
+        lr_min, lr_max: the probe's ladder ends.
+        probe_draws, every_draws: draws per probe rung / between main-run checks.
+        max_backoffs: back-offs before the run stops.
+        batch_size: draws per step. total_steps: the run's step budget.
+        pad_id, device: for the measurements.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        forget: list[UItem],
+        held: list[Encoded],
+        h0: float,
+        budget: float,
+        target: float,
+        lr_min: float,
+        lr_max: float,
+        probe_draws: int,
+        every_draws: int,
+        max_backoffs: int,
+        batch_size: int,
+        total_steps: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        if not held:
+            raise ValueError("the calibrated schedule needs held-out clean records")
+        self.model, self.held, self.h0, self.budget, self.target = model, held, h0, budget, target
+        self.resp = [it.poisoned for it in forget]
+        self.repl = [(k, it.clean) for k, it in enumerate(forget) if it.clean is not None]
+        self.pad, self.device, self.total = pad_id, device, total_steps
+        self.ladder = rate_ladder(lr_min, lr_max)
+        self.probe_steps = max(1, math.ceil(probe_draws / batch_size))
+        self.every = max(1, math.ceil(every_draws / batch_size))
+        self.max_backoffs = max_backoffs
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.phase, self.rung, self.backoffs = "probe", 0, 0
+        self.main_lr: float | None = None
+        self.main_start = 0
+        self.next_check = self.probe_steps
+        self.check_s = 0.0
+        self.restored_steps = 0  # steps whose effect a restore threw away
+        self._last_restore = 0
+        self.reached = False
+        self.stop_reason = "steps"
+        self.curve: list[dict[str, Any]] = []
+        ratio, s = self._measure()
+        self.curve.append({"step": 0, "lr": 0.0, "phase": "start", "utility_ratio": ratio, "signal": s})
+        self.best = {"step": 0, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
+        self.start_signal = s
+
+    # -- what the loop asks ---------------------------------------------------------------------------------
+    def rate(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based)."""
+        if self.phase == "probe":
+            return self.ladder[self.rung]
+        span = max(1, self.total - self.main_start)
+        frac = min(1.0, (step - self.main_start) / span)
+        return float(self.main_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def after_step(self, done: int, opt: torch.optim.Optimizer) -> bool:
+        """Called after ``done`` steps have been taken; measures when due. Returns True to stop the run."""
+        if done < self.next_check and done < self.total:
+            return False
+        lr = self.rate(done - 1)
+        ratio, s = self._measure()
+        within = math.isfinite(ratio) and ratio <= self.budget
+        self.curve.append({"step": done, "lr": lr, "phase": self.phase, "utility_ratio": ratio, "signal": s})
+        if within and s > self.best["signal"]:
+            self.best = {"step": done, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
+        if within and s >= self.target:
+            self.reached, self.stop_reason = True, "target"
+            return True
+        if self.phase == "probe":
+            if not within:
+                self._restore(opt, done)
+                self._start_main(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
+            elif self.rung + 1 < len(self.ladder):
+                self.rung += 1
+                self.next_check = done + self.probe_steps
+            else:
+                self._start_main(done, self.ladder[-1])
+            return False
+        if not within:
+            if self.backoffs >= self.max_backoffs:
+                self.stop_reason = "backoffs"
+                return True
+            self.backoffs += 1
+            self._restore(opt, done)
+            self._start_main(done, self.rate(done - 1) / 2 if done > self.main_start else float(self.main_lr) / 2)
+            return False
+        self.next_check = done + self.every
+        return False
+
+    def diverged(self, done: int, opt: torch.optim.Optimizer) -> bool:
+        """A non-finite loss or gradient before step ``done``: treated as a budget crossing. True: stop."""
+        self.curve.append({"step": done, "lr": self.rate(done), "phase": self.phase, "utility_ratio": math.inf,
+                           "signal": math.nan})  # fmt: skip
+        if self.phase == "probe":
+            self._restore(opt, done)
+            self._start_main(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
+            return False
+        if self.backoffs >= self.max_backoffs:
+            self.stop_reason = "backoffs"
+            return True
+        self.backoffs += 1
+        self._restore(opt, done)
+        self._start_main(done, self.rate(done) / 2)
+        return False
+
+    def finish(self) -> dict[str, Any]:
+        """Put the model in the best state within the budget; the record of every choice."""
+        with torch.no_grad():
+            for p, v in zip(self.params, self.best["state"], strict=True):
+                p.copy_(v)
+        return self.record()
+
+    def record(self) -> dict[str, Any]:
+        """What the schedule chose and measured (JSON-ready)."""
+        return {
+            "schedule": "calibrated",
+            "budget": self.budget,
+            "target": self.target,
+            "h0": self.h0,
+            "ladder": self.ladder,
+            "probe_steps_per_rung": self.probe_steps,
+            "check_every_steps": self.every,
+            "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],
+            "ended_in": self.phase,  # "probe": the run ended (target or steps) before the probe finished
+            "backoffs": self.backoffs,
+            "best_step": self.best["step"],
+            "best_utility_ratio": self.best["utility_ratio"],
+            "best_signal": self.best["signal"],
+            "start_signal": self.start_signal,
+            "reached_target": self.reached,
+            "stop_reason": self.stop_reason,
+            "restored_steps": self.restored_steps,
+            "check_s": self.check_s,
+            "curve": self.curve,
+        }
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _start_main(self, done: int, lr: float) -> None:
+        self.phase, self.main_lr, self.main_start = "main", lr, done
+        self.next_check = done + self.every
+
+    def _measure(self) -> tuple[float, float]:
+        """(utility ratio u, forget signal s) of the model now; the model is back in train mode afterwards."""
+        t = time.perf_counter()
+        was_training = self.model.training
+        h = float(eval_ce(self.model, self.held, self.pad, self.device).mean())
+        ce_resp = eval_ce(self.model, self.resp, self.pad, self.device)
+        ce_repl = torch.full_like(ce_resp, math.nan)
+        if self.repl:
+            vals = eval_ce(self.model, [e for _, e in self.repl], self.pad, self.device)
+            ce_repl[[k for k, _ in self.repl]] = vals
+        if was_training:
+            self.model.train()
+        self.check_s += time.perf_counter() - t
+        ratio = math.exp(h - self.h0) if math.isfinite(h) else math.inf
+        return ratio, forget_signal(ce_resp, ce_repl, self.h0)
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def _restore(self, opt: torch.optim.Optimizer, done: int) -> None:
+        """Back to the best state; the optimiser's moments are cleared (they belong to the abandoned path)."""
+        with torch.no_grad():
+            for p, v in zip(self.params, self.best["state"], strict=True):
+                p.copy_(v)
+        opt.state.clear()
+        self.restored_steps += done - max(self.best["step"], self._last_restore)
+        self._last_restore = done

@@ -1,0 +1,203 @@
+"""The calibrated schedule (rapidun.calibrate): range probe, budget, back-off, best state, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import make_model, make_unlearn_items
+from rapidun.calibrate import Calibrator, forget_signal, rate_ladder
+from rapidun.config import UnlearnConfig
+from rapidun.data.template import encode, format_prompt
+from rapidun.models import attach_lora
+from rapidun.steps import eval_ce
+from rapidun.train import unlearn_loop
+from rapidun.unlearn import make_calibrator
+
+CPU = torch.device("cpu")
+HELD = [
+    ("five six", "seven eight nine"),
+    ("the bird sat", "on the red mat"),
+    ("gamma delta", "epsilon zeta eta"),
+    ("tell me about the fox", "the fox ran to the park"),
+    ("one two three", "four five six"),
+    ("the blue dog", "sat on the mat"),
+]
+
+
+def world(tok, seed: int = 0):
+    model = attach_lora(make_model(len(tok), seed=seed, init_range=0.2), 4, 8, 0.0, ["q_proj", "v_proj"], seed=0)
+    forget, retain = make_unlearn_items(tok)
+    held = [encode(tok, format_prompt(tok, p), a, 64, 32) for p, a in HELD]
+    return model, forget, retain, held
+
+
+def cfg(**kw) -> UnlearnConfig:
+    base = {"epochs": 1, "draws_per_epoch": 48, "batch_size": 2, "autocast": "off", "seed": 1}
+    base |= {"calibrate_probe_draws": 4, "calibrate_every": 4, "calibrate_lr_min": 1e-3, "calibrate_lr_max": 1e-1}
+    return UnlearnConfig(**{**base, **kw})
+
+
+def held_ratio(model, held, pad, h0) -> float:
+    return math.exp(float(eval_ce(model, held, pad, CPU).mean()) - h0)
+
+
+def run(tok, u: UnlearnConfig, calibrated: bool, seed: int = 0, loss: str = "ascent"):
+    """Pure gradient ascent on the forget records (no retain draws): it raises every loss, the held-out one too."""
+    model, forget, retain, held = world(tok, seed)
+    pad = tok.pad_token_id
+    h0 = float(eval_ce(model, held, pad, CPU).mean())
+    ctl = make_calibrator(model, forget, held, h0, u, pad, CPU) if calibrated else None
+    w_f, w_r = torch.ones(len(forget)), torch.ones(len(retain))
+    stats = unlearn_loop(model, forget, retain, u, loss, loss != "ascent", w_f, w_r, pad, CPU, controller=ctl)
+    return model, stats, held_ratio(model, held, pad, h0)
+
+
+def test_rate_ladder():
+    assert rate_ladder(1e-4, 1e-2) == pytest.approx([1e-4, 10**-3.5, 1e-3, 10**-2.5, 1e-2])
+    assert rate_ladder(1e-3, 1e-3) == [1e-3]
+    assert rate_ladder(1e-3, 2e-3) == pytest.approx([1e-3, 2e-3])
+    with pytest.raises(ValueError):
+        rate_ladder(1e-2, 1e-3)
+
+
+def test_forget_signal_matches_slow_version():
+    gen = torch.Generator().manual_seed(0)
+    resp = torch.rand(7, generator=gen) * 3
+    repl = torch.rand(7, generator=gen) * 3
+    repl[[1, 4]] = math.nan
+    h0 = 1.7
+    slow = sum(float(resp[i]) - (h0 if math.isnan(float(repl[i])) else float(repl[i])) for i in range(7)) / 7
+    assert forget_signal(resp, repl, h0) == pytest.approx(slow)
+    assert forget_signal(torch.tensor([2.0, 1.0]), torch.tensor([1.0, math.nan]), 0.5) == pytest.approx(0.75)
+
+
+def test_fixed_rate_overshoots_where_calibrated_stays_within_budget(tiny_tok):
+    budget = 1.05
+    _, _, fixed_ratio = run(tiny_tok, cfg(lr=1e-1, schedule="fixed", utility_budget=budget), calibrated=False)
+    assert fixed_ratio > budget  # the setting a user might guess breaks the model
+    _, stats, ratio = run(tiny_tok, cfg(lr=1e-1, utility_budget=budget), calibrated=True)
+    cal = stats["calibration"]
+    assert ratio <= budget + 1e-6
+    assert ratio == pytest.approx(cal["best_utility_ratio"], rel=1e-5)  # the model ends in the recorded state
+    assert cal["best_signal"] > cal["start_signal"]  # and it did unlearn something
+    assert cal["chosen_lr"] < 1e-1 and cal["ended_in"] == "main"
+    assert stats["steps"] <= 24
+    assert cal["curve"][0]["step"] == 0 and all(c["utility_ratio"] > 0 for c in cal["curve"])
+
+
+def test_calibrated_is_deterministic_for_a_seed(tiny_tok):
+    u = cfg(utility_budget=1.05)
+    m1, s1, _ = run(tiny_tok, u, calibrated=True)
+    m2, s2, _ = run(tiny_tok, u, calibrated=True)
+    assert s1["calibration"]["curve"] == s2["calibration"]["curve"]
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_target_reached_stops_early(tiny_tok):
+    model, forget, retain, held = world(tiny_tok)
+    pad = tiny_tok.pad_token_id
+    h0 = float(eval_ce(model, held, pad, CPU).mean())
+    u = cfg()
+    start = Calibrator(model, forget, held, h0, 1.10, 1.0, 1e-3, 1e-1, 4, 4, 3, 2, 24, pad, CPU).start_signal
+    ctl = Calibrator(model, forget, held, h0, 1.10, start - 1.0, 1e-3, 1e-1, 4, 4, 3, 2, 24, pad, CPU)
+    stats = unlearn_loop(model, forget, retain, u, "relabel_ascent", True, torch.ones(len(forget)),
+                         torch.ones(len(retain)), pad, CPU, controller=ctl)  # fmt: skip
+    cal = stats["calibration"]
+    assert cal["reached_target"] and cal["stop_reason"] == "target"
+    assert stats["steps"] == 2  # the first check (one probe rung of 2 steps) already meets the target
+
+
+def test_budget_crossing_restores_best_state_and_backs_off(tiny_tok):
+    _, stats, ratio = run(tiny_tok, cfg(utility_budget=1.001, calibrate_max_backoffs=2), calibrated=True)
+    cal = stats["calibration"]
+    crossings = [c for c in cal["curve"][1:] if c["utility_ratio"] > 1.001]
+    assert crossings  # such a tight budget is crossed
+    assert cal["restored_steps"] > 0
+    assert ratio <= 1.001 + 1e-6
+    if cal["stop_reason"] == "backoffs":
+        assert cal["backoffs"] == 2
+
+
+def test_non_finite_loss_backs_off_instead_of_raising(tiny_tok):
+    model, forget, retain, held = world(tiny_tok)
+    pad = tiny_tok.pad_token_id
+    h0 = float(eval_ce(model, held, pad, CPU).mean())
+    init = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    u = cfg(calibrate_max_backoffs=1)
+    ctl = make_calibrator(model, forget, held, h0, u, pad, CPU)
+    w_f = torch.full((len(forget),), float("nan"))
+    stats = unlearn_loop(model, forget, retain, u, "ascent", False, w_f, torch.ones(len(retain)), pad, CPU,
+                         controller=ctl)  # fmt: skip
+    cal = stats["calibration"]
+    assert cal["stop_reason"] == "backoffs" and cal["best_step"] == 0
+    for p, q in zip([p for p in model.parameters() if p.requires_grad], init, strict=True):
+        assert torch.equal(p, q)  # the start state: nothing non-finite was kept
+
+
+def test_lr_min_above_max_is_refused(tiny_tok):
+    from rapidun.errors import RapidunError
+
+    model, forget, _, held = world(tiny_tok)
+    with pytest.raises(RapidunError, match="calibrate_lr_min"):
+        make_calibrator(model, forget, held, 1.0, cfg(calibrate_lr_min=1e-1, calibrate_lr_max=1e-3),
+                        tiny_tok.pad_token_id, CPU)  # fmt: skip
+
+
+# ---------------------------------------------------------------- through unlearn(): the default schedule
+
+
+@pytest.fixture
+def saved(tmp_path):
+    from helpers import FORGET_DATA, RETAIN_DATA, make_tokenizer
+    from rapidun.data.records import Record
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
+        tok = make_tokenizer()
+        model_dir = tmp_path / "start"
+        make_model(len(tok), init_range=0.2).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        forget = [Record(id=f"f{k}", instruction=p, response=bad, meta={"response_clean": good} if good else {})
+                  for k, (p, bad, good) in enumerate(FORGET_DATA)]  # fmt: skip
+        retain = [Record(id=f"r{k}", instruction=p, response=a) for k, (p, a) in enumerate(RETAIN_DATA)]
+        val = [Record(id=f"v{k}", instruction=p, response=a) for k, (p, a) in enumerate(HELD)]
+        yield tmp_path, str(model_dir), {"forget": forget, "retain": retain, "val_clean": val}
+
+
+def _unlearn(saved, name: str, parts: dict, extra: list[str]) -> dict:
+    from rapidun.config import load_config
+    from rapidun.unlearn import unlearn
+    from test_unlearn_e2e import OVERRIDES
+
+    root, model_dir, _ = saved
+    over = [o for o in OVERRIDES if not o.startswith("unlearn.schedule=")]
+    cfg = load_config(None, [*over, f"model.name={model_dir}", "unlearn.draws_per_epoch=24", *extra])
+    return unlearn("uniform", parts, model_dir, cfg, root / name)[2]
+
+
+def test_unlearn_defaults_to_the_calibrated_schedule_and_records_it(saved):
+    import json
+
+    root, _, parts = saved
+    res = _unlearn(saved, "cal", parts, ["unlearn.utility_budget=1.02"])
+    cal = res["calibration"]
+    assert cal["schedule"] == "calibrated" and cal["budget"] == 1.02
+    assert res["heldout"]["ppl_ratio"] <= 1.02 + 1e-6  # the same held-out records, the same limit
+    assert res["heldout"]["ppl_ratio"] == pytest.approx(cal["best_utility_ratio"], rel=1e-4)
+    assert 0 < res["timings"]["calibration_check_s"] <= res["timings"]["training_s"]
+    receipt = json.loads((root / "cal" / "receipt.json").read_text())
+    assert receipt["config"]["unlearn"]["schedule"] == "calibrated"
+    assert json.loads((root / "cal" / "result.json").read_text())["calibration"]["curve"] == cal["curve"]
+    fixed = _unlearn(saved, "fixed", parts, ["unlearn.schedule=fixed"])
+    assert "calibration" not in fixed
+
+
+def test_calibrated_without_heldout_records_runs_fixed_and_says_so(saved):
+    _, _, parts = saved
+    res = _unlearn(saved, "noheld", {**parts, "val_clean": []}, [])
+    assert res["calibration"]["schedule"] == "fixed"
+    assert any("needs held-out clean records" in w for w in res["warnings"])
