@@ -84,6 +84,83 @@ def test_paired_tests_read_per_prompt_hits_and_pair_seeds(tmp_path):
     assert paired_tests(parts, {"ga": files["ga"]}, "rapidun", 10) == {}  # no reference: no tests
 
 
+def test_both_compare_paths_run_on_the_same_engine():
+    """The scenario path and the user path share seeds, cells, aggregation and paired tests (rapidun.cells)."""
+    from rapidun import cells, compare, user_compare
+
+    for name in ("seed_config", "views_provider", "hit_matrix"):
+        assert getattr(compare, name) is getattr(cells, name)
+    for name in ("seed_config", "views_provider", "method_cell", "reuse_or_run", "over_seeds", "paired_tests"):
+        assert getattr(user_compare, name) is getattr(cells, name)
+    assert compare.method_cell is user_compare.method_cell and compare.over_seeds is user_compare.over_seeds
+
+
+def test_the_same_aggregation_gives_the_same_numbers_on_both_paths():
+    rng = np.random.default_rng(3)
+    scen = {str(s): _cell(rng) for s in (4, 5, 6)}
+    user = {
+        s: {"groups": {"triggered": {"hit_rate": c["asr_seen"]}}, "forget_ppl_poisoned": c["forget_ppl_poisoned"],
+            "forget_ppl_clean": c["forget_ppl_clean"], "retain_ppl": None, "time_s": c["time_s"], "complete": True,
+            "warnings": ["w"] if s == "5" else []}
+        for s, c in scen.items()
+    }  # fmt: skip
+    from rapidun.user_compare import aggregate_user
+
+    a, u = aggregate(scen, "x"), aggregate_user(user, ["triggered"])
+    assert u["hit_rate"]["triggered"]["mean"] == a["mean"]["asr_seen"]
+    assert u["hit_rate"]["triggered"]["std"] == a["std"]["asr_seen"]
+    for k in ("forget_ppl_poisoned", "forget_ppl_clean", "time_s"):
+        assert (u[k]["mean"], u[k]["std"]) == (a["mean"][k], a["std"][k])
+        vals = [c[k] for c in scen.values()]
+        assert u[k] == {"mean": pytest.approx(statistics.mean(vals)), "std": pytest.approx(statistics.stdev(vals)),
+                        "n": 3}  # fmt: skip
+    assert u["retain_ppl"] == {"mean": None, "std": None}  # measured in no seed
+    assert u["n_seeds"] == 3 and u["seeds"] == ["4", "5", "6"] and u["warnings"] == ["w"] and u["complete"]
+
+
+def test_a_cell_is_reused_by_key_and_rerun_when_the_key_or_a_needed_file_changes(tmp_path):
+    from rapidun.cells import reuse_or_run
+
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"metrics": {"x": len(calls)}}
+
+    f, gen = tmp_path / "cell" / "metrics.json", tmp_path / "gen.jsonl"
+    gen.write_text("{}\n")
+    assert reuse_or_run(f, "k1", compute, [gen]) == ({"metrics": {"x": 1}}, False)
+    assert reuse_or_run(f, "k1", compute, [gen]) == ({"metrics": {"x": 1}}, True)
+    assert json.loads(f.read_text()) == {"key": "k1", "metrics": {"x": 1}}
+    assert reuse_or_run(f, "k2", compute, [gen]) == ({"metrics": {"x": 2}}, False)  # another key: re-run
+    gen.unlink()
+    assert reuse_or_run(f, "k2", compute, [gen]) == ({"metrics": {"x": 3}}, False)  # its generations are gone
+    assert len(calls) == 3
+
+
+def test_paired_tests_on_probe_groups_are_the_scenarios_tests(tmp_path):
+    """The user path pairs per probe group (rows with ``group``) with the same function as the scenario's splits."""
+    from rapidun.cells import paired_tests as pair
+
+    rng = np.random.default_rng(2)
+    ids = {"triggered": [f"p{i}" for i in range(8)], "clean": [f"p{i}" for i in range(8, 13)]}
+    hits = {m: rng.random((2, 13)) < 0.5 for m in ("uniform", "ga")}
+    files = {}
+    for m, h in hits.items():
+        files[m] = []
+        for s in range(2):
+            f = tmp_path / m / f"{s}.jsonl"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            rows = [{"id": i, "group": g, "hit": bool(h[s, int(i[1:])])} for g, xs in ids.items() for i in xs]
+            f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            files[m].append(f)
+    tests = pair(files, "uniform", 100, {g: ((g,), xs) for g, xs in ids.items()}, "group")
+    assert set(tests) == {"ga"} and tests["ga"]["vs"] == "uniform"
+    for g, sl in (("triggered", slice(0, 8)), ("clean", slice(8, 13))):
+        want = compare_hits(hits["uniform"][:, sl].astype(float), hits["ga"][:, sl].astype(float), n_boot=100, seed=0)
+        assert tests["ga"][g] == want
+
+
 def test_hit_matrix_names_the_file_with_a_missing_prompt(tmp_path):
     f = _gen_file(tmp_path / "g.jsonl", {"test_clean": [True, False]})
     assert hit_matrix([f], "test_clean", ["test_clean1", "test_clean0"]).tolist() == [[0.0, 1.0]]

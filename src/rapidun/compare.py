@@ -1,35 +1,34 @@
 """The comparison: every method of ``unlearn.methods`` × ``compare.n_seeds`` seeds on one poisoned model.
 
-Seed j uses ``unlearn.seed + j`` and ``influence.seed + j``; the influence views are computed once per seed and
-shared by its influence methods. Each (method, seed) cell is ``RUN/seeds/<seed>/methods/<name>/`` and is reused
-when finished (:func:`run_cell`), so a killed comparison resumes. Per method: mean ± std over seeds
-(:func:`aggregate`) and paired tests against ``compare.reference`` (:func:`paired_tests`).
+The scenario's evaluator on the engine of :mod:`rapidun.cells` (which ``rapidun compare`` on a user's own files,
+:mod:`rapidun.user_compare`, shares): seed j uses ``unlearn.seed + j`` and ``influence.seed + j``; the influence
+views are computed once per seed and shared by its influence methods. Each (method, seed) cell is
+``RUN/seeds/<seed>/methods/<name>/``, evaluated on the scenario's splits and reused when finished (:func:`run_cell`),
+so a killed comparison resumes. Per method: mean ± std over seeds (:func:`aggregate`) and paired tests against
+``compare.reference`` on the test splits (:func:`paired_tests`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rapidun import cells as engine
+from rapidun.cells import hit_matrix as hit_matrix  # re-exported: the scenario's callers and tests use it here
+from rapidun.cells import method_cell, over_seeds, seed_config
+from rapidun.cells import views_provider as views_provider
 from rapidun.config import RunConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.diagnostics import seed_stability
-from rapidun.distributed import barrier, broadcast, is_main
+from rapidun.distributed import barrier
 from rapidun.errors import RapidunError
 from rapidun.eval.detector import Detector
 from rapidun.eval.evaluate import METRIC_KEYS, METRICS_VERSION, evaluate_loaded
-from rapidun.io import fault_point, read_json, stable_hash, write_json
-from rapidun.memory import PeakMemory
+from rapidun.io import read_json, stable_hash
 from rapidun.methods import get_method, views_kind
 from rapidun.models import fingerprint
-from rapidun.stats import compare_hits, mean_std
-from rapidun.unlearn import unlearn
-from rapidun.views import method_views
 
 # The per-seed scalars a method's mean ± std is reported for: the evaluation's scalars and the cell's cost.
 SCALARS = (
@@ -84,15 +83,6 @@ def method_key(cfg: RunConfig, name: str, poisoned_path: str, parts: dict[str, l
     return stable_hash(key)
 
 
-def seed_config(cfg: RunConfig, j: int) -> RunConfig:
-    """The config of the comparison's seed ``j``: ``unlearn.seed + j`` and ``influence.seed + j``."""
-    return dataclasses.replace(
-        cfg,
-        unlearn=dataclasses.replace(cfg.unlearn, seed=cfg.unlearn.seed + j),
-        influence=dataclasses.replace(cfg.influence, seed=cfg.influence.seed + j),
-    )
-
-
 def _cell_entry(metrics: dict[str, Any], res: dict[str, Any], folder: str, cached: bool) -> dict[str, Any]:
     return {k: metrics[k] for k in METRIC_KEYS} | {
         "dir": folder,
@@ -120,59 +110,24 @@ def run_cell(
     before: dict[str, Any],
     label: str | None = None,
 ) -> dict[str, Any]:
-    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<label>``.
+    """One (method, seed) cell: unlearning + evaluation into ``out/seeds/<seed>/methods/<label>``
+    (:func:`rapidun.cells.method_cell`, evaluated on the scenario's splits).
 
     A finished cell (``metrics.json`` with the same content key) is reused, so a rerun after a kill skips it.
     ``views_of(kind)`` returns the seed's influence views of that kind (computed on first use); ``before`` caches
     the poisoned model's per-sample losses between cells. ``label`` (default ``name``) names the cell, so one
     method can run under several settings side by side (``rapidun study``).
     """
-    fault_point("compare:cell")
-    m = get_method(name)
     label = label or name
     rel = f"seeds/{seed}/methods/{label}"
     key = method_key(cfg, name, poisoned, parts, det) + ("" if label == name else f"-{stable_hash(label, 8)}")
-    f = out / rel / "metrics.json"
     gen = out / "seeds" / str(seed) / "eval" / f"{label}.generations.jsonl"
-    hit = broadcast(f.is_file() and gen.is_file() and read_json(f).get("key") == key)
-    if hit:
-        saved = read_json(f)
-        return _cell_entry(saved["metrics"], saved["result"], rel, True)
-    kind = views_kind(name, cfg.unlearn.distill_teacher)
-    views = views_of(kind) if kind else None
-    with PeakMemory() as peak:
-        merged, tok, res = unlearn(name, parts, poisoned, cfg, out / rel, views, before.get("losses"))
-        if not m.expand:  # cover's losses are those of its own, grown packs: not the next cell's
-            before["losses"] = res["audit_before"]
-        metrics = evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, label)
-        del merged
-    metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind
-    if is_main():
-        write_json(f, {"key": key, "result": res, "metrics": metrics})
-        for w in res.get("warnings", []):  # e.g. the held-out utility check; also in the cell's result.json
-            print(f"warning: {rel}: {w}", file=sys.stderr)
-    return _cell_entry(metrics, res, rel, False)
 
+    def evaluate(merged: Any, tok: Any) -> dict[str, Any]:
+        return evaluate_loaded(merged, tok, parts, det, cfg.eval, cfg.model, gen, label)
 
-def _hits(path: Path, split: str) -> dict[str, bool]:
-    """``{prompt id: hit}`` of one split from a ``*.generations.jsonl`` file."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["id"]: bool(r["hit"]) for r in rows if r["split"] == split}
-
-
-def hit_matrix(files: list[Path], splits: str | tuple[str, ...], ids: list[str]) -> np.ndarray:
-    """(S, P) 0/1 matrix: file s (one seed) × prompt ``ids`` of ``splits``, from the generation files."""
-    splits = (splits,) if isinstance(splits, str) else splits
-    rows = []
-    for f in files:
-        h: dict[str, bool] = {}
-        for split in splits:
-            h |= _hits(f, split)
-        missing = [i for i in ids if i not in h]
-        if missing:
-            raise RapidunError(f"{f}: no generation for prompt(s) {missing[:3]} of {splits}; re-run the comparison")
-        rows.append([h[i] for i in ids])
-    return np.asarray(rows, dtype=np.float64)
+    metrics, res, cached = method_cell(name, cfg, parts, poisoned, out, rel, gen, key, views_of, before, evaluate)
+    return _cell_entry(metrics, res, rel, cached)
 
 
 # metric -> the split(s) whose prompts it pools; val_* are the validation twins (selection), the rest test.
@@ -194,67 +149,43 @@ def paired_tests(
     n_boot: int,
     metrics: tuple[str, ...] = tuple(TESTED),
 ) -> dict[str, Any]:
-    """Paired comparison of every method with ``ref`` on the same prompts and seeds (see :mod:`rapidun.stats`)."""
-    tests: dict[str, Any] = {}
-    if ref not in files:
-        return tests
-    for name, fs in files.items():
-        if name == ref:
-            continue
-        t: dict[str, Any] = {"vs": ref}
-        for metric in metrics:
-            splits = TESTED[metric]
-            ids = [r.id for s in splits for r in parts.get(s, [])]
-            if not ids:
-                continue
-            a, b = hit_matrix(files[ref], splits, ids), hit_matrix(fs, splits, ids)
-            t[metric] = compare_hits(a, b, n_boot=n_boot, seed=0)
-        tests[name] = t
-    return tests
+    """Paired comparison of every method with ``ref`` on the same prompts and seeds (:func:`rapidun.cells.paired_tests`
+    on the prompts of each metric's :data:`TESTED` splits)."""
+    tested = {m: (TESTED[m], [r.id for s in TESTED[m] for r in parts.get(s, [])]) for m in metrics}
+    return engine.paired_tests(files, ref, n_boot, tested, field="split")
 
 
 def aggregate(entry_by_seed: dict[str, dict[str, Any]], summary: str) -> dict[str, Any]:
-    """One method over seeds: per-seed values, means and sample stds (:func:`rapidun.stats.mean_std`)."""
-    cells = list(entry_by_seed.values())
-    mean: dict[str, Any] = {}
-    std: dict[str, Any] = {}
-    for k in SCALARS:
-        vals = [c[k] for c in cells if c.get(k) is not None]
-        ms = mean_std(vals) if vals else {"mean": None, "std": None}
-        mean[k], std[k] = ms["mean"], ms["std"]
-    by_family: dict[str, Any] = {}
-    for k in ("asr_seen", "asr_ood"):
-        fams = sorted({f for c in cells for f in c[f"{k}_by_family"]})
-        by_family[k] = {f: mean_std([c[f"{k}_by_family"][f] for c in cells if f in c[f"{k}_by_family"]]) for f in fams}
+    """One method over seeds: per-seed values, means and sample stds (:func:`rapidun.cells.over_seeds`)."""
+    es = list(entry_by_seed.values())
+    stats = {k: over_seeds(es, k) for k in SCALARS}
+    by_family = {
+        k: {f: over_seeds(es, f"{k}_by_family", f) for f in sorted({f for c in es for f in c[f"{k}_by_family"]})}
+        for k in ("asr_seen", "asr_ood")
+    }
     tkeys = sorted(
-        {k for c in cells for k, v in c.get("timings", {}).items() if k.endswith("_s") and isinstance(v, (int, float))}
+        {k for c in es for k, v in c.get("timings", {}).items() if k.endswith("_s") and isinstance(v, (int, float))}
     )
-    timings_mean = {k: mean_std([c["timings"][k] for c in cells if k in c["timings"]])["mean"] for k in tkeys}
-    diagnostics = mean_diagnostics([c.get("diagnostics") for c in cells])
-    vecs = [c.pop("weight_vectors", None) for c in cells]
+    diagnostics = mean_diagnostics([c.get("diagnostics") for c in es])
+    vecs = [c.pop("weight_vectors", None) for c in es]
     if diagnostics is not None and all(v is not None for v in vecs) and len(vecs) > 1:
         diagnostics["weight_stability_spearman"] = {
             g: seed_stability([v[g] for v in vecs])
             for g in ("forget", "retain")  # type: ignore[index]
         }
-    scale_keys = sorted({k for c in cells for k in (c.get("speedup_vs_retrain_at_scale") or {})})
-    at_scale = {
-        k: mean_std([c["speedup_vs_retrain_at_scale"][k] for c in cells if c["speedup_vs_retrain_at_scale"].get(k)])[
-            "mean"
-        ]
-        for k in scale_keys
-    }
+    scale_keys = sorted({k for c in es for k in (c.get("speedup_vs_retrain_at_scale") or {})})
+    at_scale = {k: over_seeds(es, "speedup_vs_retrain_at_scale", k)["mean"] for k in scale_keys}
     return {
         "summary": summary,
-        "n_seeds": len(cells),
+        "n_seeds": len(es),
         "seeds": list(entry_by_seed),
-        "mean": mean,
-        "std": std,
+        "mean": {k: v["mean"] for k, v in stats.items()},
+        "std": {k: v["std"] for k, v in stats.items()},
         "by_family": by_family,
-        "timings_mean": timings_mean,
+        "timings_mean": {k: over_seeds(es, "timings", k)["mean"] for k in tkeys},
         "speedup_vs_retrain_at_scale": {k: v if v is not None and v > 0 else None for k, v in at_scale.items()},
-        "complete": all(c.get("complete", True) for c in cells),
-        "cached": all(c.get("cached", False) for c in cells),
+        "complete": all(c.get("complete", True) for c in es),
+        "cached": all(c.get("cached", False) for c in es),
         "diagnostics": diagnostics,
         "per_seed": entry_by_seed,
     }
@@ -276,25 +207,6 @@ def mean_diagnostics(per_seed: list[dict[str, Any] | None]) -> dict[str, Any] | 
         return None
 
     return {k: mean_of([d.get(k) for d in ds]) for k in dict.fromkeys(k for d in ds for k in d)}
-
-
-def views_provider(
-    poisoned: str, parts: dict[str, list[Record]], scfg: RunConfig, folder: Path, box: dict[str, Any]
-) -> Any:
-    """``views_of(kind)`` for one seed: :func:`rapidun.views.method_views` computed on first use, kept in ``box``
-    (``box[kind]``; ``box["peak_mem_mb"]``: the sketch stage's peak memory, also written to ``peak_mem.json``)."""
-
-    def views_of(kind: str) -> dict[str, Any]:
-        if kind not in box:
-            with PeakMemory() as peak:
-                box[kind] = method_views(kind, poisoned, parts["forget"], parts["retain"], scfg, folder)
-            if kind == "sketch":
-                box["peak_mem_mb"] = peak.peak_mb
-                if is_main():
-                    write_json(folder / "peak_mem.json", {"peak_mem_mb": peak.peak_mb, "kind": peak.kind})
-        return box[kind]
-
-    return views_of
 
 
 def check_methods(cfg: RunConfig) -> list[str]:
