@@ -11,6 +11,7 @@ from helpers import make_model, make_unlearn_items
 from rapidun.calibrate import Calibrator, forget_signal, rate_ladder
 from rapidun.config import UnlearnConfig
 from rapidun.data.template import encode, format_prompt
+from rapidun.eval.metrics import perplexity
 from rapidun.models import attach_lora
 from rapidun.steps import eval_ce
 from rapidun.train import unlearn_loop
@@ -40,8 +41,9 @@ def cfg(**kw) -> UnlearnConfig:
     return UnlearnConfig(**{**base, **kw})
 
 
-def held_ratio(model, held, pad, h0) -> float:
-    return math.exp(float(eval_ce(model, held, pad, CPU).mean()) - h0)
+def held_ratio(model, held, pad, ppl0) -> float:
+    """Held-out perplexity ratio, the slow obvious way (:func:`rapidun.eval.metrics.perplexity`)."""
+    return perplexity(model, held, pad) / ppl0
 
 
 def run(tok, u: UnlearnConfig, calibrated: bool, seed: int = 0, loss: str = "ascent"):
@@ -49,10 +51,11 @@ def run(tok, u: UnlearnConfig, calibrated: bool, seed: int = 0, loss: str = "asc
     model, forget, retain, held = world(tok, seed)
     pad = tok.pad_token_id
     h0 = float(eval_ce(model, held, pad, CPU).mean())
+    ppl0 = perplexity(model, held, pad)
     ctl = make_calibrator(model, forget, held, h0, u, pad, CPU) if calibrated else None
     w_f, w_r = torch.ones(len(forget)), torch.ones(len(retain))
     stats = unlearn_loop(model, forget, retain, u, loss, loss != "ascent", w_f, w_r, pad, CPU, controller=ctl)
-    return model, stats, held_ratio(model, held, pad, h0)
+    return model, stats, held_ratio(model, held, pad, ppl0)
 
 
 def test_rate_ladder():
@@ -86,6 +89,8 @@ def test_fixed_rate_overshoots_where_calibrated_stays_within_budget(tiny_tok):
     assert cal["chosen_lr"] < 1e-1 and cal["ended_in"] == "main"
     assert stats["steps"] <= 24
     assert cal["curve"][0]["step"] == 0 and all(c["utility_ratio"] > 0 for c in cal["curve"])
+    probe = [c for c in cal["curve"] if c["phase"] == "probe"]
+    assert probe and all(c["signal"] is None for c in probe)  # probe checks measure utility only
 
 
 def test_calibrated_is_deterministic_for_a_seed(tiny_tok):
@@ -103,7 +108,8 @@ def test_target_reached_stops_early(tiny_tok):
     h0 = float(eval_ce(model, held, pad, CPU).mean())
     u = cfg()
     start = Calibrator(model, forget, held, h0, 1.10, 1.0, 1e-3, 1e-1, 4, 4, 3, 2, 24, pad, CPU).start_signal
-    ctl = Calibrator(model, forget, held, h0, 1.10, start - 1.0, 1e-3, 1e-1, 4, 4, 3, 2, 24, pad, CPU)
+    # one rung: the probe ends after its 2 steps, and the signal measured there already meets the target
+    ctl = Calibrator(model, forget, held, h0, 1.10, start - 1.0, 1e-3, 1e-3, 4, 4, 3, 2, 24, pad, CPU)
     stats = unlearn_loop(model, forget, retain, u, "relabel_ascent", True, torch.ones(len(forget)),
                          torch.ones(len(retain)), pad, CPU, controller=ctl)  # fmt: skip
     cal = stats["calibration"]
@@ -114,7 +120,7 @@ def test_target_reached_stops_early(tiny_tok):
 def test_budget_crossing_restores_best_state_and_backs_off(tiny_tok):
     _, stats, ratio = run(tiny_tok, cfg(utility_budget=1.001, calibrate_max_backoffs=2), calibrated=True)
     cal = stats["calibration"]
-    crossings = [c for c in cal["curve"][1:] if c["utility_ratio"] > 1.001]
+    crossings = [c for c in cal["curve"][1:] if c["utility_ratio"] is not None and c["utility_ratio"] > 1.001]
     assert crossings  # such a tight budget is crossed
     assert cal["restored_steps"] > 0
     assert ratio <= 1.001 + 1e-6
@@ -186,8 +192,7 @@ def test_unlearn_defaults_to_the_calibrated_schedule_and_records_it(saved):
     res = _unlearn(saved, "cal", parts, ["unlearn.utility_budget=1.02"])
     cal = res["calibration"]
     assert cal["schedule"] == "calibrated" and cal["budget"] == 1.02
-    assert res["heldout"]["ppl_ratio"] <= 1.02 + 1e-6  # the same held-out records, the same limit
-    assert res["heldout"]["ppl_ratio"] == pytest.approx(cal["best_utility_ratio"], rel=1e-4)
+    assert cal["best_utility_ratio"] <= 1.02
     assert 0 < res["timings"]["calibration_check_s"] <= res["timings"]["training_s"]
     receipt = json.loads((root / "cal" / "receipt.json").read_text())
     assert receipt["config"]["unlearn"]["schedule"] == "calibrated"
@@ -201,3 +206,16 @@ def test_calibrated_without_heldout_records_runs_fixed_and_says_so(saved):
     res = _unlearn(saved, "noheld", {**parts, "val_clean": []}, [])
     assert res["calibration"]["schedule"] == "fixed"
     assert any("needs held-out clean records" in w for w in res["warnings"])
+
+
+def test_start_signal_from_the_audit_equals_the_measured_one(tiny_tok):
+    model, forget, _, held = world(tiny_tok)
+    pad = tiny_tok.pad_token_id
+    h0 = float(eval_ce(model, held, pad, CPU).mean())
+    measured = Calibrator(model, forget, held, h0, 1.1, 1.0, 1e-3, 1e-2, 4, 4, 3, 2, 24, pad, CPU).start_signal
+    resp = eval_ce(model, [it.poisoned for it in forget], pad, CPU)  # the slow way, record by record
+    slow = sum(
+        float(resp[k]) - (float(eval_ce(model, [it.clean], pad, CPU)[0]) if it.clean is not None else h0)
+        for k, it in enumerate(forget)
+    ) / len(forget)
+    assert measured == pytest.approx(slow, rel=1e-5)

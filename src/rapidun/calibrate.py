@@ -4,9 +4,10 @@ A fixed learning rate does nothing on one model and breaks another (SPEC's lr 6e
 model; the demo's 5e-4 costs Gemma-3-270m 1.68x perplexity). :class:`Calibrator` drives
 :func:`rapidun.train.unlearn_loop` instead, from two measurements taken every few steps on the model itself:
 
-* the **utility ratio** ``u = exp(h − h₀)``: ``h`` the mean answer CE of held-out clean records the run never
-  trains on, ``h₀`` the start model's; the budget is ``u ≤ unlearn.utility_budget`` (1.10: perplexity at most
-  10% above the start model's, the matched-utility rule of the studies);
+* the **utility ratio** ``u = exp(h − h₀)``: ``h`` the token-weighted answer CE (``Σ NLL / Σ tokens``, so ``exp(h)``
+  is :func:`rapidun.eval.metrics.perplexity`) of held-out clean records the run never trains on, ``h₀`` the start
+  model's; the budget is ``u ≤ unlearn.utility_budget`` (1.10: perplexity at most 10% above the start model's,
+  the matched-utility rule of the studies);
 * the **forget signal** ``s = mean_i [CE(response_i) − CE(replacement_i)]`` over the forget records (nats per
   token; a record without a replacement answer uses ``h₀`` in its place: how much less likely than text the model
   never saw). The target is ``s ≥ unlearn.calibrate_target``.
@@ -14,10 +15,10 @@ model; the demo's 5e-4 costs Gemma-3-270m 1.68x perplexity). :class:`Calibrator`
 Phases (deterministic for a seed: the draws are those of the fixed schedule, in order):
 
 1. **Range probe.** The rate climbs a geometric ladder from ``calibrate_lr_min`` to ``calibrate_lr_max`` (×√10 a
-   rung), ``ceil(calibrate_probe_draws / batch)`` steps a rung, measuring after each rung. The steps are real
-   training steps (nothing is thrown away unless the budget is crossed). The first rung whose state crosses the
-   budget (or whose loss is not finite) ends the probe: the model goes back to the best state within the budget
-   and the previous rung's rate becomes the run's rate.
+   rung), ``ceil(calibrate_probe_draws / batch)`` steps a rung, measuring the utility ratio after each rung. The
+   steps are real training steps (nothing is thrown away unless the budget is crossed). The first rung whose
+   state crosses the budget (or whose loss is not finite) ends the probe: the model goes back to the last state
+   within the budget, whose forget signal is measured then, and the previous rung's rate becomes the run's rate.
 2. **Main run.** Cosine decay from that rate over the remaining steps, measured every
    ``ceil(calibrate_every / batch)`` steps. The best state within the budget (highest ``s``) is kept; a check
    over the budget restores it and halves the rate (**back-off**, at most ``calibrate_max_backoffs`` times); the
@@ -104,10 +105,12 @@ class Calibrator:
         total_steps: int,
         pad_id: int,
         device: torch.device,
+        start_signal: float | None = None,
     ) -> None:
         if not held:
             raise ValueError("the calibrated schedule needs held-out clean records")
         self.model, self.held, self.h0, self.budget, self.target = model, held, h0, budget, target
+        self.held_n = torch.tensor([sum(x != -100 for x in e.labels[1:]) for e in held], dtype=torch.float64)
         self.resp = [it.poisoned for it in forget]
         self.repl = [(k, it.clean) for k, it in enumerate(forget) if it.clean is not None]
         self.pad, self.device, self.total = pad_id, device, total_steps
@@ -121,14 +124,16 @@ class Calibrator:
         self.main_start = 0
         self.next_check = self.probe_steps
         self.check_s = 0.0
+        self.h0_tok = self._held_ce()  # the start model's token-weighted held-out CE (the utility's reference)
         self.restored_steps = 0  # steps whose effect a restore threw away
         self._last_restore = 0
         self.reached = False
         self.stop_reason = "steps"
         self.curve: list[dict[str, Any]] = []
-        ratio, s = self._measure()
-        self.curve.append({"step": 0, "lr": 0.0, "phase": "start", "utility_ratio": ratio, "signal": s})
-        self.best = {"step": 0, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
+        # The start state: u = 1 by definition (the adapter is zero); s from the caller's audit when given.
+        s = self._signal() if start_signal is None else start_signal
+        self.curve.append({"step": 0, "lr": 0.0, "phase": "start", "utility_ratio": 1.0, "signal": s})
+        self.best = {"step": 0, "utility_ratio": 1.0, "signal": s, "state": self._snapshot()}
         self.start_signal = s
 
     # -- what the loop asks ---------------------------------------------------------------------------------
@@ -141,28 +146,36 @@ class Calibrator:
         return float(self.main_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     def after_step(self, done: int, opt: torch.optim.Optimizer) -> bool:
-        """Called after ``done`` steps have been taken; measures when due. Returns True to stop the run."""
+        """Called after ``done`` steps have been taken; measures when due. Returns True to stop the run.
+
+        Probe checks measure the utility ratio only (the forget signal of the probe's last good state is measured
+        once, when the probe ends); main-run checks measure both.
+        """
         if done < self.next_check and done < self.total:
             return False
         lr = self.rate(done - 1)
-        ratio, s = self._measure()
+        if self.phase == "probe":
+            ratio = self._utility()
+            within = math.isfinite(ratio) and ratio <= self.budget
+            self.curve.append({"step": done, "lr": lr, "phase": "probe", "utility_ratio": ratio, "signal": None})
+            if within:  # training on: the latest state within the budget is the probe's best
+                self.best = {"step": done, "utility_ratio": ratio, "signal": None, "state": self._snapshot()}
+            if not within:
+                self._restore(opt, done)
+                return self._end_probe(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
+            if self.rung + 1 < len(self.ladder) and done < self.total:
+                self.rung += 1
+                self.next_check = done + self.probe_steps
+                return False
+            return self._end_probe(done, self.ladder[self.rung])
+        ratio, s = self._utility(), self._signal()
         within = math.isfinite(ratio) and ratio <= self.budget
-        self.curve.append({"step": done, "lr": lr, "phase": self.phase, "utility_ratio": ratio, "signal": s})
+        self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s})
         if within and s > self.best["signal"]:
             self.best = {"step": done, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
         if within and s >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
-        if self.phase == "probe":
-            if not within:
-                self._restore(opt, done)
-                self._start_main(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
-            elif self.rung + 1 < len(self.ladder):
-                self.rung += 1
-                self.next_check = done + self.probe_steps
-            else:
-                self._start_main(done, self.ladder[-1])
-            return False
         if not within:
             if self.backoffs >= self.max_backoffs:
                 self.stop_reason = "backoffs"
@@ -174,14 +187,26 @@ class Calibrator:
         self.next_check = done + self.every
         return False
 
+    def _end_probe(self, done: int, lr: float) -> bool:
+        """The probe is over: the model is in its best state; measure that state's forget signal, start the main
+        run at ``lr`` (True: the target is already reached, or no steps are left)."""
+        if self.best["signal"] is None:
+            self.best["signal"] = self._signal()
+            self.curve.append({"step": self.best["step"], "lr": 0.0, "phase": "probe_end",
+                               "utility_ratio": self.best["utility_ratio"], "signal": self.best["signal"]})  # fmt: skip
+        self._start_main(done, lr)
+        if self.best["signal"] >= self.target:
+            self.reached, self.stop_reason = True, "target"
+            return True
+        return done >= self.total
+
     def diverged(self, done: int, opt: torch.optim.Optimizer) -> bool:
         """A non-finite loss or gradient before step ``done``: treated as a budget crossing. True: stop."""
-        self.curve.append({"step": done, "lr": self.rate(done), "phase": self.phase, "utility_ratio": math.inf,
-                           "signal": math.nan})  # fmt: skip
+        self.curve.append({"step": done, "lr": self.rate(done), "phase": self.phase, "utility_ratio": None,
+                           "signal": None, "non_finite": True})  # fmt: skip
         if self.phase == "probe":
             self._restore(opt, done)
-            self._start_main(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
-            return False
+            return self._end_probe(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
         if self.backoffs >= self.max_backoffs:
             self.stop_reason = "backoffs"
             return True
@@ -203,7 +228,8 @@ class Calibrator:
             "schedule": "calibrated",
             "budget": self.budget,
             "target": self.target,
-            "h0": self.h0,
+            "h0": self.h0,  # record-mean held-out CE (the forget signal's reference without a replacement)
+            "h0_token_weighted": self.h0_tok,  # the utility ratio's reference
             "ladder": self.ladder,
             "probe_steps_per_rung": self.probe_steps,
             "check_every_steps": self.every,
@@ -226,11 +252,25 @@ class Calibrator:
         self.phase, self.main_lr, self.main_start = "main", lr, done
         self.next_check = done + self.every
 
-    def _measure(self) -> tuple[float, float]:
-        """(utility ratio u, forget signal s) of the model now; the model is back in train mode afterwards."""
+    def _held_ce(self) -> float:
+        """Token-weighted held-out answer CE ``Σ_i n_i·ce_i / Σ_i n_i`` of the model now (train mode restored)."""
         t = time.perf_counter()
         was_training = self.model.training
-        h = float(eval_ce(self.model, self.held, self.pad, self.device).mean())
+        ce = eval_ce(self.model, self.held, self.pad, self.device).double()
+        if was_training:
+            self.model.train()
+        self.check_s += time.perf_counter() - t
+        return float((ce * self.held_n).sum() / self.held_n.sum().clamp_min(1))
+
+    def _utility(self) -> float:
+        """The utility ratio ``u = exp(h − h₀)`` of the model now."""
+        h = self._held_ce()
+        return math.exp(h - self.h0_tok) if math.isfinite(h) else math.inf
+
+    def _signal(self) -> float:
+        """The forget signal ``s`` of the model now (train mode restored afterwards)."""
+        t = time.perf_counter()
+        was_training = self.model.training
         ce_resp = eval_ce(self.model, self.resp, self.pad, self.device)
         ce_repl = torch.full_like(ce_resp, math.nan)
         if self.repl:
@@ -239,8 +279,8 @@ class Calibrator:
         if was_training:
             self.model.train()
         self.check_s += time.perf_counter() - t
-        ratio = math.exp(h - self.h0) if math.isfinite(h) else math.inf
-        return ratio, forget_signal(ce_resp, ce_repl, self.h0)
+        s = forget_signal(ce_resp, ce_repl, self.h0)
+        return s if math.isfinite(s) else -math.inf
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]

@@ -275,7 +275,7 @@ class UnlearnConfig:
     calibrate_lr_min: float = _f(1e-4, "calibrated: the range probe's lowest rate (rungs x sqrt(10))")
     calibrate_lr_max: float = _f(1e-2, "calibrated: the range probe's highest rate")
     calibrate_probe_draws: int = _f(16, "calibrated: draws per probe rung (then utility and forget signal measured)")
-    calibrate_every: int = _f(40, "calibrated: draws between measurements in the main run")
+    calibrate_every: int = _f(80, "calibrated: draws between measurements in the main run")
     calibrate_target: float = _f(
         1.0,
         "calibrated: stop when the forget signal mean[CE(response) - CE(replacement)] (nats/token; the start "

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rapidun.calibrate import Calibrator
+from rapidun.calibrate import Calibrator, forget_signal
 from rapidun.config import UTILITY_BUDGET, RunConfig, to_dict
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records, format_prompt
@@ -258,7 +258,11 @@ def unlearn(
             refresh, every = dynamic_refresh(forget, retain, pad, cfg), u.dynamic_every
         ctl = None
         if u.schedule == "calibrated" and held_before is not None:
-            ctl = make_calibrator(model, forget, held, held_before, u, pad, device)
+            nf = len(forget)  # the start state's forget signal, from the audit already measured
+            s0 = forget_signal(torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
+                               torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
+                                            dtype=torch.float32), held_before)  # fmt: skip
+            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, s0)
         elif u.schedule == "calibrated":
             result["calibration"] = {"schedule": "fixed", "reason": "no held-out clean records to calibrate on"}
             result["schedule_note"] = (
@@ -378,7 +382,14 @@ def unlearn(
 
 
 def make_calibrator(
-    model: Any, forget: list[UItem], held: list[Any], h0: float, u: Any, pad: int, device: torch.device
+    model: Any,
+    forget: list[UItem],
+    held: list[Any],
+    h0: float,
+    u: Any,
+    pad: int,
+    device: torch.device,
+    start_signal: float | None = None,
 ) -> Calibrator:
     """The calibrated schedule's controller for one run (:mod:`rapidun.calibrate`), from the ``unlearn`` settings.
 
@@ -393,6 +404,7 @@ def make_calibrator(
     return Calibrator(
         model, forget, held, h0, u.utility_budget, u.calibrate_target, u.calibrate_lr_min, u.calibrate_lr_max,
         u.calibrate_probe_draws, u.calibrate_every, u.calibrate_max_backoffs, u.batch_size, total, pad, device,
+        start_signal,
     )  # fmt: skip
 
 
