@@ -186,3 +186,18 @@ def test_cli_takes_a_shipped_config_by_name(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["unlearn"]["lr"] == load_config("demo").unlearn.lr
     assert cli.main(["config", "--config", "nosuch"]) == 2
     assert "shipped with rapidun: demo" in capsys.readouterr().err
+
+
+def test_constants_have_one_home_and_config_checks_does_not_import_config():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from rapidun import constants
+    from rapidun.config import SplitSizes, UnlearnConfig
+
+    assert tuple(f.name for f in dataclasses.fields(SplitSizes)) == constants.SPLIT_NAMES
+    assert UnlearnConfig().utility_budget == constants.UTILITY_BUDGET
+    code = "import sys, rapidun.config_checks; print('rapidun.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # no cycle: the checks need only the constants

@@ -16,7 +16,27 @@ from typing import Any
 
 import yaml
 
+from rapidun.config_checks import CHECKS, validate
+from rapidun.constants import (
+    DISTILL_TEACHERS,
+    FUZZ_KINDS,
+    METHOD_NAMES,
+    SPLIT_NAMES,
+    TRACE_SPLITS,
+    UTILITY_BUDGET,
+    VERIFY_ATTACKS,
+)
 from rapidun.errors import RapidunError
+
+__all__ = [
+    "DISTILL_TEACHERS",
+    "FUZZ_KINDS",
+    "METHOD_NAMES",
+    "SPLIT_NAMES",
+    "TRACE_SPLITS",
+    "UTILITY_BUDGET",
+    "VERIFY_ATTACKS",
+]
 
 
 class _Loader(yaml.SafeLoader):
@@ -48,9 +68,6 @@ def yaml_load(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except ValueError as e:
         raise yaml.YAMLError(f"malformed value: {e}") from None
-
-
-UTILITY_BUDGET = 1.10  # the matched-utility factor: perplexity at most 10% above the start model's (one home)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -219,33 +236,6 @@ class WeightingConfig:
     w_max: float = _f(3.0, "upper weight bound, applied before the division by the group mean")
 
 
-METHOD_NAMES = (
-    "rapidun",
-    "uniform",
-    "ga",
-    "graddiff",
-    "npo",
-    "simnpo",
-    "rmu",
-    "loreun",
-    "loreun_dynamic",
-    "loreun_hard_high",
-    "fisher",
-    "random",
-    "rapidun_sampled",
-    "rapidun_aligned",
-    "rapidun_stable",
-    "coverage",
-    "rapidun_dynamic",
-    "distill",
-    "sam_uniform",
-    "adv_uniform",
-    "cover",
-    "retrain",
-)
-DISTILL_TEACHERS = ("start",)  # besides the registered loop/fisher methods: the start model itself as the teacher
-
-
 @dataclass
 class UnlearnConfig:
     methods: list = _f(
@@ -372,10 +362,6 @@ class CompareConfig:
     reference: str = _f("rapidun", "the method every other method is paired against in the tests")
 
 
-VERIFY_ATTACKS = ("relearn", "quantize", "fuzz", "forget_quality")
-FUZZ_KINDS = ("moved", "in_context", "repeated", "recased", "spaced", "typo", "multi_turn", "late_turn")
-
-
 @dataclass
 class VerifyConfig:
     enabled: bool = _f(False, "`compare`/`run`: run the verification battery on every method after the comparison")
@@ -394,9 +380,6 @@ class VerifyConfig:
     mia_heldout: int = _f(40, "membership test: held-out poisoned samples (non-members)")
     probe_group: str = _f("triggered", "`verify --probes`: the probe group whose hit rate is the behaviour")
     seed: int = _f(0, "seed of the attacks (relearn samples, adapter init)")
-
-
-TRACE_SPLITS = ("test_seen_trig", "test_ood_trig", "val_seen_trig", "val_ood_trig")
 
 
 @dataclass
@@ -558,8 +541,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = from_dict(cls, data, str(path) if path else "config")
     if cls is not RunConfig:
         return cfg
-    from rapidun.config_checks import validate
-
     return validate(cfg, str(path) if path else "config")
 
 
@@ -578,8 +559,6 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             out += describe(tp, key + ".")
         else:
-            from rapidun.config_checks import CHECKS
-
             chk = CHECKS.get(key)
             out.append(
                 f"{key} = {getattr(inst, f.name)!r}  # {f.metadata.get('help', '')}" + (f" [{chk.text}]" if chk else "")

@@ -5,22 +5,15 @@ what it must be. The sections themselves (fields, defaults, help texts) are in :
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rapidun.config import (
-    DISTILL_TEACHERS,
-    FUZZ_KINDS,
-    METHOD_NAMES,
-    TRACE_SPLITS,
-    VERIFY_ATTACKS,
-    RunConfig,
-    ScenarioConfig,
-    SplitSizes,
-)
+from rapidun.constants import DISTILL_TEACHERS, FUZZ_KINDS, METHOD_NAMES, SPLIT_NAMES, TRACE_SPLITS, VERIFY_ATTACKS
 from rapidun.errors import RapidunError
+
+if TYPE_CHECKING:  # the config's types, for annotations only: rapidun.config imports this module
+    from rapidun.config import RunConfig, ScenarioConfig
 
 
 class Check:
@@ -101,7 +94,7 @@ CHECKS: dict[str, Check] = {
     "scenario.seed": SEED,
     "scenario.forget_size": COUNT,
     "scenario.retain_ratio": POSITIVE,
-    **{f"scenario.splits.{f.name}": NON_NEGATIVE for f in dataclasses.fields(SplitSizes)},
+    **{f"scenario.splits.{name}": NON_NEGATIVE for name in SPLIT_NAMES},
     "scenario.splits.train_poisoned": COUNT,
     "scenario.splits.train_clean": COUNT,
     "sft.lora_r": COUNT,

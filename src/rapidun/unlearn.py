@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from rapidun.calibrate import Calibrator, forget_signal
-from rapidun.config import UTILITY_BUDGET, RunConfig, to_dict
+from rapidun.config import RunConfig, to_dict
+from rapidun.constants import HELDOUT_CHECK, UTILITY_BUDGET
 from rapidun.data.records import Record
 from rapidun.data.template import encode_records, format_prompt
 from rapidun.diagnostics import cell_diagnostics
@@ -409,7 +410,6 @@ def make_calibrator(
 
 
 MIN_FORGET_CHANGE = 0.05  # relative change of the forget records' mean CE below which a run warns
-HELDOUT_CHECK = 40  # held-out clean records (``val_clean``) whose answer loss is measured before and after
 MAX_HELDOUT_PPL_RATIO = (
     UTILITY_BUDGET  # default held-out perplexity ratio above which a run warns (unlearn.utility_budget)
 )
