@@ -19,10 +19,13 @@ Phases (deterministic for a seed: the draws are those of the fixed schedule, in 
    steps are real training steps (nothing is thrown away unless the budget is crossed). The first rung whose
    state crosses the budget (or whose loss is not finite) ends the probe: the model goes back to the last state
    within the budget, whose forget signal is measured then, and the previous rung's rate becomes the run's rate.
-2. **Main run.** Cosine decay from that rate over the remaining steps, measured every
-   ``ceil(calibrate_every / batch)`` steps. The best state within the budget (highest ``s``) is kept; a check
-   over the budget restores it and halves the rate (**back-off**, at most ``calibrate_max_backoffs`` times); the
-   run stops early when ``s`` reaches the target.
+2. **Main run, paced.** Cosine segments over the remaining steps, measured every ``ceil(calibrate_every / batch)``
+   steps. Each check measures the utility cost per unit of rate, ``k = Δ log u / Σ rate`` since the last check
+   (the probe's last good rung gives the first), and starts a new segment whose peak spends what is left of the
+   budget over the remaining steps: ``r = 2·(log budget − log u)/(k·R)`` (a cosine over ``R`` steps sums to
+   ``r·R/2``), at most the probe's last good rate. The best state within the budget (highest ``s``) is kept; a
+   check over the budget restores it and halves the cap (**back-off**, at most ``calibrate_max_backoffs`` times);
+   the run stops early when ``s`` reaches the target.
 3. The model ends in the best state within the budget (at worst the start state: an adapter of zeros).
 
 Every choice (rate, steps, back-offs, the measured curve, the time spent measuring) is returned by
@@ -121,6 +124,10 @@ class Calibrator:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.phase, self.rung, self.backoffs = "probe", 0, 0
         self.main_lr: float | None = None
+        self.cap: float = self.ladder[-1]  # the fastest rate the main run may use
+        self.rung_cost: list[float | None] = []  # utility cost per unit of rate, measured on each probe rung
+        self._acc = 0.0  # Σ rate over the steps since the last check
+        self._last_log_u = 0.0  # log u at the last check (the start: u = 1)
         self.main_start = 0
         self.next_check = self.probe_steps
         self.check_s = 0.0
@@ -149,28 +156,35 @@ class Calibrator:
         """Called after ``done`` steps have been taken; measures when due. Returns True to stop the run.
 
         Probe checks measure the utility ratio only (the forget signal of the probe's last good state is measured
-        once, when the probe ends); main-run checks measure both.
+        once, when the probe ends); main-run checks measure both and re-pace the rate (:meth:`_pace`).
         """
+        self._acc += self.rate(done - 1)
         if done < self.next_check and done < self.total:
             return False
         lr = self.rate(done - 1)
         if self.phase == "probe":
             ratio = self._utility()
             within = math.isfinite(ratio) and ratio <= self.budget
-            self.curve.append({"step": done, "lr": lr, "phase": "probe", "utility_ratio": ratio, "signal": None})
+            k = self._cost(ratio)
+            self.rung_cost.append(k)
+            self.curve.append({"step": done, "lr": lr, "phase": "probe", "utility_ratio": ratio, "signal": None,
+                               "cost": k})  # fmt: skip
             if within:  # training on: the latest state within the budget is the probe's best
                 self.best = {"step": done, "utility_ratio": ratio, "signal": None, "state": self._snapshot()}
             if not within:
                 self._restore(opt, done)
-                return self._end_probe(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
+                self.cap = self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2
+                return self._end_probe(done, self.rung_cost[-2] if self.rung > 0 else k)
             if self.rung + 1 < len(self.ladder) and done < self.total:
                 self.rung += 1
                 self.next_check = done + self.probe_steps
                 return False
-            return self._end_probe(done, self.ladder[self.rung])
+            self.cap = self.ladder[self.rung]
+            return self._end_probe(done, k)
         ratio, s = self._utility(), self._signal()
         within = math.isfinite(ratio) and ratio <= self.budget
-        self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s})
+        k = self._cost(ratio)
+        self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s, "cost": k})
         if within and s > self.best["signal"]:
             self.best = {"step": done, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
         if within and s >= self.target:
@@ -181,20 +195,47 @@ class Calibrator:
                 self.stop_reason = "backoffs"
                 return True
             self.backoffs += 1
+            self.cap = min(self.cap, float(self.main_lr) / 2)  # never again as fast as the rate that crossed
             self._restore(opt, done)
-            self._start_main(done, self.rate(done - 1) / 2 if done > self.main_start else float(self.main_lr) / 2)
-            return False
-        self.next_check = done + self.every
+            ratio = self.best["utility_ratio"]
+        self._pace(done, k, ratio)
+        self.curve[-1]["next_lr"] = self.main_lr
         return False
 
-    def _end_probe(self, done: int, lr: float) -> bool:
-        """The probe is over: the model is in its best state; measure that state's forget signal, start the main
-        run at ``lr`` (True: the target is already reached, or no steps are left)."""
+    def _cost(self, ratio: float) -> float | None:
+        """Utility cost per unit of rate since the last check: ``Δ log u / Σ_steps rate`` (None: nothing to divide
+        by); resets the running sums."""
+        log_u = math.log(ratio) if math.isfinite(ratio) and ratio > 0 else math.inf
+        k = (log_u - self._last_log_u) / self._acc if self._acc > 0 and math.isfinite(log_u) else None
+        self._last_log_u, self._acc = log_u, 0.0
+        return k
+
+    def _pace(self, done: int, k: float | None, ratio: float) -> None:
+        """Start a cosine segment at ``done`` whose predicted utility cost spends what is left of the budget.
+
+        With ``k`` the measured cost per unit of rate·step, a cosine from peak ``r`` over the ``R`` remaining
+        steps costs about ``k·r·R/2``; so ``r = 2·(log budget − log u)/(k·R)``, at most :attr:`cap` (the
+        fastest rate the probe found within the budget, halved at each back-off). A measured cost ≤ 0 (the
+        utility did not fall) doubles the rate instead, up to the cap. ``ratio``: the utility ratio ``u`` of the
+        state the run goes on from.
+        """
+        left = max(0.0, math.log(self.budget) - math.log(ratio))
+        steps = max(1, self.total - done)
+        if k is not None and k > 0:
+            r = 2.0 * left / (k * steps)
+        else:
+            r = 2.0 * float(self.main_lr) if self.main_lr else float(self.cap)
+        self._start_main(done, max(min(float(self.cap), r), self.ladder[0] * 1e-3))
+
+    def _end_probe(self, done: int, k: float | None) -> bool:
+        """The probe is over: the model is in its best state; measure that state's forget signal and pace the main
+        run from the probe's cost ``k`` (True: the target is already reached, or no steps are left)."""
         if self.best["signal"] is None:
             self.best["signal"] = self._signal()
             self.curve.append({"step": self.best["step"], "lr": 0.0, "phase": "probe_end",
                                "utility_ratio": self.best["utility_ratio"], "signal": self.best["signal"]})  # fmt: skip
-        self._start_main(done, lr)
+        self._last_log_u = math.log(self.best["utility_ratio"])
+        self._pace(done, k, self.best["utility_ratio"])
         if self.best["signal"] >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
@@ -204,15 +245,19 @@ class Calibrator:
         """A non-finite loss or gradient before step ``done``: treated as a budget crossing. True: stop."""
         self.curve.append({"step": done, "lr": self.rate(done), "phase": self.phase, "utility_ratio": None,
                            "signal": None, "non_finite": True})  # fmt: skip
+        self._acc = 0.0
         if self.phase == "probe":
             self._restore(opt, done)
-            return self._end_probe(done, self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2)
+            self.cap = self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2
+            return self._end_probe(done, self.rung_cost[-1] if self.rung_cost else None)
         if self.backoffs >= self.max_backoffs:
             self.stop_reason = "backoffs"
             return True
         self.backoffs += 1
+        self.cap = min(self.cap, float(self.main_lr) / 2)
         self._restore(opt, done)
-        self._start_main(done, self.rate(done) / 2)
+        self._last_log_u = math.log(self.best["utility_ratio"])
+        self._pace(done, None, self.best["utility_ratio"])
         return False
 
     def finish(self) -> dict[str, Any]:
@@ -234,6 +279,7 @@ class Calibrator:
             "probe_steps_per_rung": self.probe_steps,
             "check_every_steps": self.every,
             "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],
+            "rate_cap": self.cap,
             "ended_in": self.phase,  # "probe": the run ended (target or steps) before the probe finished
             "backoffs": self.backoffs,
             "best_step": self.best["step"],
@@ -291,5 +337,6 @@ class Calibrator:
             for p, v in zip(self.params, self.best["state"], strict=True):
                 p.copy_(v)
         opt.state.clear()
+        self._last_log_u = math.log(self.best["utility_ratio"])
         self.restored_steps += done - max(self.best["step"], self._last_restore)
         self._last_restore = done
