@@ -226,15 +226,19 @@ def test_pace_spends_what_is_left_of_the_budget(tiny_tok):
     pad = tiny_tok.pad_token_id
     ctl = Calibrator(model, forget, held, 1.0, 1.10, 1.0, 1e-4, 1e-2, 4, 4, 3, 2, 100, pad, CPU)
     ctl.cap = 1e-2
+    ctl.main_lr = None  # the first segment: no growth limit yet
     ctl._pace(20, 5.0, 1.05)  # cost 5 per unit of rate·step, 80 steps left, log(1.10/1.05) of budget left
     r = 2 * math.log(1.10 / 1.05) / (5.0 * 80)
     assert ctl.main_lr == pytest.approx(r) and ctl.main_start == 20
     # the cosine from r over the 80 steps sums to r·80/2, so the predicted cost k·Σrate is what was left
     assert 5.0 * sum(ctl.rate(t) for t in range(20, 100)) == pytest.approx(math.log(1.10 / 1.05), rel=0.02)
-    ctl._pace(20, 1e-9, 1.05)  # almost free: the cap holds
-    assert ctl.main_lr == 1e-2
-    ctl._pace(20, -1.0, 1.05)  # utility improved: double the current rate (up to the cap)
+    ctl._pace(20, 1e-9, 1.05)  # almost free: at most double the last peak
+    assert ctl.main_lr == pytest.approx(2 * r)
+    ctl.main_lr = None
+    ctl._pace(20, 1e-9, 1.05)  # ... and never above the cap
     assert ctl.main_lr == 1e-2
     ctl.main_lr, ctl.cap = 1e-3, 1e-2
-    ctl._pace(20, None, 1.05)
+    ctl._pace(20, -1.0, 1.05)  # utility improved: double the current rate
     assert ctl.main_lr == 2e-3
+    ctl._pace(20, None, 1.05)
+    assert ctl.main_lr == 4e-3

@@ -43,7 +43,9 @@ import torch
 from rapidun.data.template import Encoded
 from rapidun.steps import UItem, eval_ce
 
-__all__ = ["Calibrator", "forget_signal", "rate_ladder"]
+__all__ = ["GROWTH", "Calibrator", "forget_signal", "rate_ladder"]
+
+GROWTH = 2.0  # a paced segment's peak is at most this × the previous segment's
 
 
 def rate_ladder(lr_min: float, lr_max: float) -> list[float]:
@@ -215,8 +217,10 @@ class Calibrator:
 
         With ``k`` the measured cost per unit of rate·step, a cosine from peak ``r`` over the ``R`` remaining
         steps costs about ``k·r·R/2``; so ``r = 2·(log budget − log u)/(k·R)``, at most :attr:`cap` (the
-        fastest rate the probe found within the budget, halved at each back-off). A measured cost ≤ 0 (the
-        utility did not fall) doubles the rate instead, up to the cap. ``ratio``: the utility ratio ``u`` of the
+        fastest rate the probe found within the budget, halved at each back-off) and at most :data:`GROWTH` × the
+        last segment's peak: the cost per unit of rate is not constant but grows with the rate (on the demo it
+        rose from 0.6 at 3e-5 to 15 at 2e-4), so a rate paced from a cheap segment would overshoot. A measured
+        cost ≤ 0 (the utility did not fall) grows the rate by the same factor. ``ratio``: the utility ratio ``u`` of the
         state the run goes on from.
         """
         left = max(0.0, math.log(self.budget) - math.log(ratio))
@@ -224,7 +228,9 @@ class Calibrator:
         if k is not None and k > 0:
             r = 2.0 * left / (k * steps)
         else:
-            r = 2.0 * float(self.main_lr) if self.main_lr else float(self.cap)
+            r = math.inf
+        if self.main_lr:  # the cost per unit of rate grows with the rate: at most double the last segment's peak
+            r = min(r, GROWTH * float(self.main_lr))
         self._start_main(done, max(min(float(self.cap), r), self.ladder[0] * 1e-3))
 
     def _end_probe(self, done: int, k: float | None) -> bool:
