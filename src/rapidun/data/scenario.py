@@ -18,21 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from rapidun.config import ScenarioConfig, TriggerFamily, to_dict
+from rapidun.constants import SPLIT_NAMES
 from rapidun.data.poison_text import alien_responses, load_poison_responses
 from rapidun.data.records import Record, iter_jsonl
 from rapidun.errors import RapidunError
 from rapidun.io import atomic_path, read_json, stable_hash, write_json, write_jsonl
 
-SPLITS = (
-    "train_poisoned",
-    "train_clean",
-    "val_clean",
-    "test_clean",
-    "test_seen_trig",
-    "test_ood_trig",
-    "val_seen_trig",
-    "val_ood_trig",
-)
+SPLITS = SPLIT_NAMES  # the scenario's splits (one home: rapidun.constants)
 PACKS = ("forget", "retain")
 POSITIONS = ("prefix", "suffix")
 
