@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from helpers import make_model, make_unlearn_items
-from rapidun.calibrate import Calibrator, forget_signal, rate_ladder
+from rapidun.calibrate import Calibrator, forget_signal, make_calibrator, rate_ladder
 from rapidun.config import UnlearnConfig
 from rapidun.data.template import encode, format_prompt
 from rapidun.eval.metrics import perplexity
 from rapidun.models import attach_lora
 from rapidun.steps import eval_ce
 from rapidun.train import unlearn_loop
-from rapidun.unlearn import make_calibrator
 
 CPU = torch.device("cpu")
 HELD = [

@@ -343,7 +343,7 @@ def test_distill_refuses_a_base_of_another_shape(world, tmp_path, monkeypatch):
 
 
 def test_distill_warnings_name_its_own_settings():
-    from rapidun.unlearn import forget_change_warning, heldout_warning
+    from rapidun.unlearn_warnings import forget_change_warning, heldout_warning
 
     h = heldout_warning({"ppl_ratio": 2.15, "n": 40, "ce_before": 1.39, "ce_after": 2.16}, 1e-3, "distill")
     assert "distill" in h and "fisher" not in h and "never saw" in h

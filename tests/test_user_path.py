@@ -22,7 +22,7 @@ from rapidun.data.scenario import save_scenario
 from rapidun.errors import RapidunError
 from rapidun.models import with_adapter
 from rapidun.receipt import record_hash
-from rapidun.unlearn import MIN_FORGET_CHANGE, forget_change_warning
+from rapidun.unlearn_warnings import MIN_FORGET_CHANGE, forget_change_warning
 from test_unlearn_e2e import OVERRIDES, folder_digest, make_parts, read_jsonl
 
 
@@ -547,7 +547,7 @@ def test_unlearn_method_defaults_to_the_recommended_one():
 
 
 def test_heldout_warning_threshold_and_message():
-    from rapidun.unlearn import MAX_HELDOUT_PPL_RATIO, heldout_warning
+    from rapidun.unlearn_warnings import MAX_HELDOUT_PPL_RATIO, heldout_warning
 
     ok = {"n": 4, "ce_before": 1.0, "ce_after": 1.05, "ppl_ratio": math.exp(0.05)}
     assert math.exp(0.05) < MAX_HELDOUT_PPL_RATIO and heldout_warning(ok, 5e-4, "loop") is None

@@ -41,9 +41,10 @@ from typing import Any
 import torch
 
 from rapidun.data.template import Encoded
+from rapidun.errors import RapidunError
 from rapidun.steps import UItem, eval_ce
 
-__all__ = ["GROWTH", "Calibrator", "forget_signal", "rate_ladder"]
+__all__ = ["GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
 
 GROWTH = 2.0  # a paced segment's peak is at most this × the previous segment's
 
@@ -346,3 +347,30 @@ class Calibrator:
         self._last_log_u = math.log(self.best["utility_ratio"])
         self.restored_steps += done - max(self.best["step"], self._last_restore)
         self._last_restore = done
+
+
+def make_calibrator(
+    model: Any,
+    forget: list[UItem],
+    held: list[Any],
+    h0: float,
+    u: Any,
+    pad: int,
+    device: torch.device,
+    start_signal: float | None = None,
+) -> Calibrator:
+    """The calibrated schedule's controller for one run (:mod:`rapidun.calibrate`), from the ``unlearn`` settings.
+
+    The step budget is the fixed schedule's (``epochs × draws_per_epoch / batch_size`` steps).
+    """
+    if u.calibrate_lr_min > u.calibrate_lr_max:
+        raise RapidunError(
+            f"unlearn.calibrate_lr_min ({u.calibrate_lr_min:g}) must be <= unlearn.calibrate_lr_max "
+            f"({u.calibrate_lr_max:g})"
+        )
+    total = math.ceil(u.epochs * u.draws_per_epoch / u.batch_size)
+    return Calibrator(
+        model, forget, held, h0, u.utility_budget, u.calibrate_target, u.calibrate_lr_min, u.calibrate_lr_max,
+        u.calibrate_probe_draws, u.calibrate_every, u.calibrate_max_backoffs, u.batch_size, total, pad, device,
+        start_signal,
+    )  # fmt: skip
