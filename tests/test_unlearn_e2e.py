@@ -322,6 +322,27 @@ def test_before_reuse_gives_identical_before_values(env, run):
     assert res3["audit_before"] == before
 
 
+def test_start_cache_is_filled_once_and_gives_the_same_collateral(env, monkeypatch):
+    import importlib
+
+    ul = importlib.import_module("rapidun.unlearn")  # the module (rapidun.unlearn is also the API function)
+
+    calls = []
+    real = ul.start_snapshot
+    monkeypatch.setattr(ul, "start_snapshot", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    _, _, r1 = unlearn("uniform", env.parts, env.model_dir, env.cfg, None, start_cache=cache)
+    assert len(calls) == 1 and cache["held_before"] is not None and cache["snapshot"]["texts"]
+    _, _, r2 = unlearn("ga", env.parts, env.model_dir, env.cfg, None, start_cache=cache)
+    assert len(calls) == 1  # reused, not recomputed
+    _, _, r3 = unlearn("ga", env.parts, env.model_dir, env.cfg, None)  # no cache: taken afresh, same values
+    assert len(calls) == 2 and r3["collateral"] == r2["collateral"] and r3["heldout"] == r2["heldout"]
+    # other held-out prompts (another key): taken again
+    fewer = {**env.parts, "val_clean": env.parts["val_clean"][:1]}
+    unlearn("uniform", fewer, env.model_dir, env.cfg, None, start_cache=cache)
+    assert len(calls) == 3 and r1["collateral"] is not None
+
+
 def test_retrain_is_not_an_unlearning_run(env):
     with pytest.raises(RapidunError, match=r"SFT reference"):
         unlearn("retrain", env.parts, env.model_dir, env.cfg, None)

@@ -110,7 +110,8 @@ def method_cell(
             is re-run.
         key: the cell's content key (everything its result depends on; not the list of other methods).
         views_of: the seed's influence views by kind (:func:`views_provider`).
-        before: ``before["losses"]``, the start model's per-sample losses, shared by every cell (filled by the
+        before: ``before["losses"]``, the start model's per-sample losses, and ``before["start"]``, its held-out
+            snapshot (``start_cache`` of :func:`rapidun.unlearn.unlearn`), shared by every cell (filled by the
             first cell that runs).
         evaluate: ``evaluate(model, tokenizer) -> metrics`` on the unlearned model; writes ``gen``.
         provenance: for the receipt (:func:`rapidun.unlearn.unlearn`).
@@ -127,7 +128,15 @@ def method_cell(
         views = views_of(kind) if kind else None
         with PeakMemory() as peak:
             merged, tok, res = unlearn(
-                name, parts, model_path, cfg, out / rel, views, before.get("losses"), provenance=provenance
+                name,
+                parts,
+                model_path,
+                cfg,
+                out / rel,
+                views,
+                before.get("losses"),
+                provenance=provenance,
+                start_cache=before.setdefault("start", {}),
             )
             if not m.expand:  # cover's losses are those of its own, grown packs: not the next cell's
                 before["losses"] = res["audit_before"]

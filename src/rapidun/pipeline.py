@@ -117,9 +117,11 @@ def stage_base(cfg: RunConfig, out: Path) -> dict[str, Any]:
     t = time.perf_counter()
     parts, manifest = stage_scenario(cfg, out)
     timings["scenario"] = time.perf_counter() - t
+    t = time.perf_counter()
     models = stage_models(cfg, parts)
     for name, meta in models.items():
-        timings[f"sft_{name}"] = meta["train"]["time_s"]
+        timings[f"sft_{name}"] = meta["train"]["time_s"]  # as trained (also when reused from the cache)
+    timings["models_wall"] = time.perf_counter() - t  # this invocation: conversion, SFT or cache lookup
     det, det_info = make_detector(cfg, parts)
     if is_main():
         write_json(out / "detector.json", det_info)
@@ -187,7 +189,11 @@ def run(cfg: RunConfig, out: str | Path, overwrite: bool = False, note: str | No
     base = stage_base(cfg, out)
     parts, manifest, models, det, det_info = (base[k] for k in ("parts", "manifest", "models", "det", "det_info"))
     results, timings = base["results"], base["timings"]
+    t = time.perf_counter()
     methods, infl = stage_methods(cfg, out, parts, models, results, det) if cfg.unlearn.methods else ({}, None)
+    # the cells' wall clock this invocation: their unlearning + evaluation times above, plus influence views,
+    # model loads, audits and the collateral check (0 when every cell is reused)
+    timings["methods_wall"] = time.perf_counter() - t
     for name, e in methods.items():
         if get_method(name).kind != "retrain":
             for seed, c in e["per_seed"].items():

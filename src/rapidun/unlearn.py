@@ -140,6 +140,7 @@ def unlearn(
     views: dict[str, Any] | None = None,
     before: dict[str, list[float | None]] | None = None,
     provenance: dict[str, Any] | None = None,
+    start_cache: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Run one method on the scenario's forget/retain packs starting from ``model_path`` (the poisoned model).
 
@@ -156,6 +157,10 @@ def unlearn(
         provenance: for ``receipt.json``: ``start`` (what the start model is: base, adapter, fingerprints),
             ``packs`` (how the packs were built) and ``previous`` (earlier receipts); defaults describe
             ``model_path`` alone.
+        start_cache: a dict shared by the runs of one comparison: the start model's held-out CE and collateral
+            snapshot (greedy answers, top-K distribution) are taken once, kept in it under a key of the model
+            path, the held-out ids and the settings they depend on, and reused by the next run (~16 s a cell on
+            the demo).
 
     Returns:
         ``(model, tokenizer, result)``: the unlearned model (adapter merged, in memory, eval mode) and the
@@ -186,12 +191,19 @@ def unlearn(
     held_pairs = [(r.id, e) for r, e in zip(held_recs, encode_records(tok, held_recs, cfg.model)[0], strict=True)
                   if any(x != -100 for x in e.labels)]  # fmt: skip
     held = [e for _, e in held_pairs]
-    held_before = float(eval_ce(model, held, pad, device).mean()) if held else None
     kept = {i for i, _ in held_pairs}
     held_prompts = [format_prompt(tok, r.instruction, r.context, cfg.model.system_prompt)
                     for r in held_recs if r.id in kept]  # fmt: skip
     t = time.perf_counter()
-    start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
+    ckey = [model_path, sorted(kept), cfg.eval.batch_size, cfg.model.max_length, cfg.model.max_prompt_tokens,
+            cfg.model.system_prompt, cfg.model.dtype]  # fmt: skip
+    if start_cache is not None and start_cache.get("key") == ckey:
+        held_before, start_snap = start_cache["held_before"], start_cache["snapshot"]
+    else:
+        held_before = float(eval_ce(model, held, pad, device).mean()) if held else None
+        start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
+        if start_cache is not None:
+            start_cache.update(key=ckey, held_before=held_before, snapshot=start_snap)
     timings["collateral_s"] = time.perf_counter() - t  # greedy answers + top-K distribution of the start model
 
     weight_info: dict[str, Any] = {}
