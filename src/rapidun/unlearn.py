@@ -159,7 +159,7 @@ def unlearn(
             ``model_path`` alone.
         start_cache: a dict shared by the runs of one comparison: the start model's held-out CE and collateral
             snapshot (greedy answers, top-K distribution) are taken once, kept in it under a key of the model
-            path, the held-out ids and the settings they depend on, and reused by the next run (~16 s a cell on
+            path, the held-out ids and the settings they depend on, and reused by the next run (25 s a cell on
             the demo).
 
     Returns:
