@@ -23,6 +23,8 @@ from rapidun.eval.collateral import (
     collateral_problems,
     collateral_summary,
     collateral_warning,
+    held_distribution,
+    kl_and_ce,
     lcs_bitparallel,
     mean_kl,
     replacement_rate,
@@ -32,6 +34,7 @@ from rapidun.eval.collateral import (
     topk_logprobs,
 )
 from rapidun.eval.rouge import lcs_len, rouge_tokens
+from rapidun.steps import eval_ce
 from rapidun.unlearn import unlearn
 from test_unlearn_e2e import OVERRIDES
 
@@ -127,6 +130,30 @@ def test_mean_kl_on_a_model_matches_a_record_by_record_forward():
     assert got == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert mean_kl(start, rows, dist, tok.pad_token_id) == pytest.approx(0.0, abs=1e-5)
     assert mean_kl(after, [], start_distribution(start, [], tok.pad_token_id), tok.pad_token_id) == 0.0  # no rows
+
+
+def test_the_kl_pass_gives_the_held_out_loss_of_eval_ce():
+    """The pass that measures the KL also gives each row's mean answer CE: equal to eval_ce's (what the held-out
+    utility check measured with a second pass before) and to a record-by-record forward."""
+    tok = make_tokenizer()
+    start, after = make_model(len(tok), seed=0, init_range=0.2), make_model(len(tok), seed=1, init_range=0.2)
+    recs = [Record(id=f"r{k}", instruction=p, response=a) for k, (p, a) in enumerate(RETAIN_DATA)]
+    rows, _ = encode_records(tok, recs, ModelConfig(max_length=32, max_prompt_tokens=20))
+    dist, ce0 = held_distribution(start, rows, tok.pad_token_id, k=8)
+    kl, ce1 = kl_and_ce(after, rows, dist, tok.pad_token_id)
+    cpu = torch.device("cpu")
+    assert torch.equal(ce0, eval_ce(start, rows, tok.pad_token_id, cpu))  # same batches, same arithmetic
+    assert torch.equal(ce1, eval_ce(after, rows, tok.pad_token_id, cpu))
+    assert kl == pytest.approx(mean_kl(after, rows, dist, tok.pad_token_id, batch_size=2), rel=1e-5)
+    slow = []
+    with torch.no_grad():
+        for e in rows:  # one record at a time, full logits
+            lp = F.log_softmax(after(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)  # (T, V)
+            nll = [-float(lp[t, e.labels[t + 1]]) for t in range(len(e.labels) - 1) if e.labels[t + 1] != -100]
+            slow.append(sum(nll) / len(nll))
+    assert ce1.tolist() == pytest.approx(slow, rel=1e-4)
+    _, none = kl_and_ce(after, [], held_distribution(start, [], tok.pad_token_id)[0], tok.pad_token_id)
+    assert none.shape == (0,)
 
 
 # ---------------------------------------------------------------- thresholds and messages

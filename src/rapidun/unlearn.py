@@ -200,8 +200,8 @@ def unlearn(
     if start_cache is not None and start_cache.get("key") == ckey:
         held_before, start_snap = start_cache["held_before"], start_cache["snapshot"]
     else:
-        held_before = float(eval_ce(model, held, pad, device).mean()) if held else None
         start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
+        held_before = float(start_snap["ce"].mean()) if start_snap is not None else None  # eval_ce's, same pass
         if start_cache is not None:
             start_cache.update(key=ckey, held_before=held_before, snapshot=start_snap)
     timings["collateral_s"] = time.perf_counter() - t  # greedy answers + top-K distribution of the start model
@@ -347,22 +347,23 @@ def unlearn(
         "retain_ce_before": _mean(before["ce_clean"][nf:]),
         "retain_ce_after": _mean(after["ce_clean"][nf:]),
     }
-    if held_before is not None:
-        held_after = float(eval_ce(merged, held, pad, device).mean())
+    if start_snap is not None and held_before is not None:
+        # collateral damage (the held-out prompts' answers against the start model's) and, from its KL pass, the
+        # held-out loss after
+        t = time.perf_counter()
+        reps = [r.meta["response_clean"] for r in parts["forget"] if r.meta.get("response_clean")]
+        ids = [i for i, _ in held_pairs]
+        result["collateral"], _, ce_after = compare_with_start(merged, tok, start_snap, held_prompts, held, reps,
+                                                               ids, cfg.eval.batch_size)  # fmt: skip
+        timings["collateral_s"] += time.perf_counter() - t
+        held_after = float(ce_after.mean())
         result["heldout"] = {
             "n": len(held),
-            "ids": [i for i, _ in held_pairs],
+            "ids": ids,
             "ce_before": held_before,
             "ce_after": held_after,
             "ppl_ratio": math.exp(held_after - held_before),
         }
-    if start_snap is not None:  # collateral damage: the held-out prompts' answers against the start model's
-        t = time.perf_counter()
-        reps = [r.meta["response_clean"] for r in parts["forget"] if r.meta.get("response_clean")]
-        ids = [i for i, _ in held_pairs]
-        result["collateral"], _ = compare_with_start(merged, tok, start_snap, held_prompts, held, reps, ids,
-                                                     cfg.eval.batch_size)  # fmt: skip
-        timings["collateral_s"] += time.perf_counter() - t
     warns = [
         forget_change_warning(
             result["audit_means"], u.lr, result.get("complete", True), method.kind, result.get("calibration")

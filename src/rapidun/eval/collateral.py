@@ -165,52 +165,89 @@ def coarse_kl(start: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _answer_pass(model: Any, rows: list[Encoded], pad_id: int, batch_size: int, fn: Any) -> list[Any]:
-    """``fn(logits (A_b, V))`` for each batch of ``rows`` in order (answer positions row-major)."""
+def _answer_pass(
+    model: Any, rows: list[Encoded], pad_id: int, batch_size: int, fn: Any
+) -> tuple[torch.Tensor, list[Any]]:
+    """One teacher-forced pass over ``rows``: each row's mean answer CE and ``fn(logits (A_b, V))`` per batch.
+
+    Rows are batched in length order exactly as :func:`rapidun.steps.eval_ce` batches them (same order, same
+    arithmetic as :func:`rapidun.functional.per_sample_nll`), so the CE equals ``eval_ce``'s at the same
+    ``batch_size`` and the pass that measures the KL also gives the held-out loss: one forward pass, not two.
+
+    Returns:
+        ``(ce (R,), outs)``: the CE in input order; ``fn``'s results batch by batch (answer positions row-major
+        within the length order, which is the same for any two passes over the same rows).
+    """
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for s in range(0, len(rows), batch_size):
-        batch = collate(rows[s : s + batch_size], pad_id).to(device)
-        logits, _, _ = answer_logits(model, batch.input_ids, batch.attention_mask, batch.labels)  # (A_b, V)
-        out.append(fn(logits))
-    return out
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    ce = torch.zeros(len(rows))
+    outs = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate([rows[i] for i in idx], pad_id).to(device)
+        logits, row, target = answer_logits(model, batch.input_ids, batch.attention_mask, batch.labels)  # (A_b, V)
+        nll = F.cross_entropy(logits.float(), target, reduction="none")  # (A_b,)
+        nll_sum = torch.zeros(len(idx), dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
+        ce[idx] = (nll_sum / torch.bincount(row, minlength=len(idx)).clamp_min(1)).float().cpu()
+        outs.append(fn(logits))
+    return ce, outs
+
+
+def held_distribution(
+    model: Any, rows: list[Encoded], pad_id: int, k: int = KL_TOPK, batch_size: int = 32
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`topk_logprobs` of ``model`` at every answer position of ``rows`` (A positions) and each row's mean
+    answer CE (R,), from one pass."""
+    ce, parts = _answer_pass(model, rows, pad_id, batch_size, lambda lg: topk_logprobs(lg, k))
+    if not parts:  # no rows: an empty distribution (mean_kl gives 0)
+        return {"logp": torch.zeros(0, k), "idx": torch.zeros(0, k, dtype=torch.long), "rest": torch.zeros(0)}, ce
+    return {key: torch.cat([p[key] for p in parts]) for key in ("logp", "idx", "rest")}, ce
 
 
 def start_distribution(
-    model: Any, rows: list[Encoded], pad_id: int, k: int = KL_TOPK, batch_size: int = 16
+    model: Any, rows: list[Encoded], pad_id: int, k: int = KL_TOPK, batch_size: int = 32
 ) -> dict[str, torch.Tensor]:
-    """:func:`topk_logprobs` of ``model`` at every answer position of ``rows`` (A positions, row-major)."""
-    parts = _answer_pass(model, rows, pad_id, batch_size, lambda lg: topk_logprobs(lg, k))
-    if not parts:  # no rows: an empty distribution (mean_kl gives 0)
-        return {"logp": torch.zeros(0, k), "idx": torch.zeros(0, k, dtype=torch.long), "rest": torch.zeros(0)}
-    return {key: torch.cat([p[key] for p in parts]) for key in ("logp", "idx", "rest")}
+    """:func:`topk_logprobs` of ``model`` at every answer position of ``rows`` (A positions)."""
+    return held_distribution(model, rows, pad_id, k, batch_size)[0]
 
 
-def mean_kl(
-    model: Any, rows: list[Encoded], start: dict[str, torch.Tensor], pad_id: int, batch_size: int = 16
-) -> float:
-    """Mean over all A answer positions of :func:`coarse_kl` between ``start`` and ``model`` on ``rows``."""
+def kl_and_ce(
+    model: Any, rows: list[Encoded], start: dict[str, torch.Tensor], pad_id: int, batch_size: int = 32
+) -> tuple[float, torch.Tensor]:
+    """Mean over all A answer positions of :func:`coarse_kl` between ``start`` and ``model`` on ``rows``, and each
+    row's mean answer CE under ``model`` (R,), from one pass."""
     if not len(start["rest"]):
-        return 0.0
+        return 0.0, torch.zeros(len(rows))
     off = [0]
 
     def one(lg: torch.Tensor) -> torch.Tensor:
         a = lg.shape[0]
-        sl = {key: v[off[0] : off[0] + a] for key, v in start.items()}
+        sl = {key: start[key][off[0] : off[0] + a] for key in ("logp", "idx", "rest")}
         off[0] += a
         return coarse_kl(sl, lg)
 
-    return float(torch.cat(_answer_pass(model, rows, pad_id, batch_size, one)).mean())
+    ce, parts = _answer_pass(model, rows, pad_id, batch_size, one)
+    return float(torch.cat(parts).mean()), ce
+
+
+def mean_kl(
+    model: Any, rows: list[Encoded], start: dict[str, torch.Tensor], pad_id: int, batch_size: int = 32
+) -> float:
+    """Mean over all A answer positions of :func:`coarse_kl` between ``start`` and ``model`` on ``rows``."""
+    return kl_and_ce(model, rows, start, pad_id, batch_size)[0]
 
 
 def start_snapshot(
     model: Any, tok: Any, prompts: list[str], rows: list[Encoded], batch_size: int, n: int = AGREE_TOKENS
 ) -> dict[str, Any]:
     """What the comparison needs of the start model, taken before it changes: greedy answers of ``prompts``,
-    their first ``n`` token ids, and :func:`start_distribution` on ``rows`` (the clean answers, teacher-forced)."""
+    their first ``n`` token ids, :func:`start_distribution` on ``rows`` (the clean answers, teacher-forced) and,
+    from the same pass, ``ce`` (R,): each row's mean answer CE (the held-out loss the run's utility is measured
+    against)."""
     texts, ids = greedy_answers(model, tok, prompts, batch_size, n, desc="collateral:start")
-    return {"texts": texts, "ids": ids, "dist": start_distribution(model, rows, tok.pad_token_id)}
+    dist, ce = held_distribution(model, rows, tok.pad_token_id)
+    return {"texts": texts, "ids": ids, "dist": dist, "ce": ce}
 
 
 def compare_with_start(
@@ -223,11 +260,13 @@ def compare_with_start(
     prompt_ids: list[str],
     batch_size: int,
     n: int = AGREE_TOKENS,
-) -> tuple[dict[str, Any], list[str]]:
-    """:func:`collateral_summary` of ``model`` against a :func:`start_snapshot`; also returns the answers."""
+) -> tuple[dict[str, Any], list[str], torch.Tensor]:
+    """:func:`collateral_summary` of ``model`` against a :func:`start_snapshot`; also returns the answers and, from
+    the KL's pass, each row's mean answer CE under ``model`` (R,)."""
     texts, ids = greedy_answers(model, tok, prompts, batch_size, n, desc="collateral:after")
-    kl = mean_kl(model, rows, start["dist"], tok.pad_token_id)
-    return collateral_summary(start["texts"], texts, start["ids"], ids, replacements, prompt_ids, kl, n), texts
+    kl, ce = kl_and_ce(model, rows, start["dist"], tok.pad_token_id)
+    summary = collateral_summary(start["texts"], texts, start["ids"], ids, replacements, prompt_ids, kl, n)
+    return summary, texts, ce
 
 
 def collateral_summary(
