@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rapidun import cli
-from rapidun.config import RunConfig, _type_of, load_config
+from rapidun.config import RunConfig, field_type, load_config
 from rapidun.config_checks import CHECKS, validate
 from rapidun.errors import RapidunError
 from rapidun.pipeline import mark_complete, prepare_out
@@ -26,7 +26,7 @@ from rapidun.pipeline import mark_complete, prepare_out
 def _fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
-        tp = _type_of(cls, f.name)
+        tp = field_type(cls, f.name)
         if dataclasses.is_dataclass(tp):
             out += _fields(tp, f"{prefix}{f.name}.")
         else:
