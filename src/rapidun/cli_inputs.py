@@ -130,3 +130,10 @@ def load_args_config(args: argparse.Namespace, default_path: Path | None = None)
     if getattr(args, "model", None):
         ov.append(f"model.name={args.model}")
     return load_config(args.config or default_path, ov)
+
+
+def records_arg(path: str, cfg: Any) -> list:
+    """The records of a command's file argument, read with the config's ``data.format`` and ``data.fields``."""
+    from rapidun.data.records import load_records
+
+    return load_records(path, cfg.data.format, cfg.data.fields)
