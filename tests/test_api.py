@@ -140,6 +140,17 @@ def test_unlearn_from_records_and_dicts_gives_the_same_run(pair, user):
         same_model(r.model, res.model)
 
 
+def test_unlearn_measures_a_given_heldout_clean_set(user):
+    """``heldout_clean=``: the held-out check runs on those records (as ``--heldout-clean``); a forget record among
+    them is refused by name."""
+    val = user.parts["val_clean"]
+    r = rapidun.unlearn(user.model_dir, user.forget, user.retain, heldout_clean=val, overrides=ALPACA)
+    assert r.result["heldout"]["ids"] == [x.id for x in val] and r.packs["n_heldout"] == len(val)
+    with pytest.raises(RapidunError, match=r"heldout_clean.*also forget or retain-buffer records.*'f0'"):
+        rapidun.unlearn(user.model_dir, user.forget, user.retain, heldout_clean=[*val, user.parts["forget"][0]],
+                        overrides=ALPACA)  # fmt: skip
+
+
 def test_unlearn_an_in_memory_model(pair, user):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,7 +16,7 @@ import torch
 from helpers import make_model, make_records, make_tokenizer
 from rapidun import cli
 from rapidun.config import ScenarioConfig, load_config
-from rapidun.data.packs import build_packs, load_packs
+from rapidun.data.packs import build_packs, load_packs, with_heldout
 from rapidun.data.records import Record, load_records
 from rapidun.data.scenario import save_scenario
 from rapidun.errors import RapidunError
@@ -99,6 +99,23 @@ def test_build_packs_refuses_empty_inputs():
         build_packs([], pool(3, "r"), 3.0, 0)
     with pytest.raises(RapidunError, match="no retain records"):
         build_packs(make_records(1, "f"), [], 3.0, 0)
+
+
+def test_with_heldout_replaces_the_held_out_records_and_refuses_pack_records():
+    parts = {"forget": make_records(2, "f"), "retain": pool(3, "r"), "val_clean": pool(2, "v", start=500)}
+    held = pool(50, "h", start=900)
+    info: dict = {}
+    got = with_heldout(parts, held, "held.jsonl", info)
+    assert [r.id for r in got["val_clean"]] == [r.id for r in held[:40]]  # HELDOUT_CHECK records at most
+    assert got["retain"] is parts["retain"] and [r.id for r in parts["val_clean"]] == ["v0", "v1"]  # not modified
+    assert info == {"heldout_path": "held.jsonl", "n_heldout": 40}
+    same_id = Record(id="r1", instruction="something else", response="else")
+    same_content = Record(id="new", instruction=parts["forget"][0].instruction, response=parts["forget"][0].response)
+    for bad, shown in ((same_id, "'r1'"), (same_content, "'new'")):
+        with pytest.raises(RapidunError, match=rf"held\.jsonl: 1 held-out record.*{shown}"):
+            with_heldout(parts, [*held[:3], bad], "held.jsonl")
+    with pytest.raises(RapidunError, match=r"held\.jsonl: no held-out clean records"):
+        with_heldout(parts, [], "held.jsonl")
 
 
 def test_load_packs_reports_where(tmp_path):
@@ -451,3 +468,24 @@ def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warn
     assert f"collateral on the held-out clean prompts ({c['n']}): " in cap.out
     assert f"answers agree {c['agreement']:.2f} with the start model's" in cap.out
     assert h["ppl_ratio"] > 1.10 and "warning: the held-out clean records' perplexity rose" in cap.err
+
+
+def test_heldout_clean_file_is_what_the_budget_measures(user, capsys, tmp_path):
+    """``--heldout-clean``: the held-out check and the collateral comparison run on the file's records (here the
+    scenario's never-trained-on val_clean), recorded in packs.json; a file holding a forget record is refused
+    before anything is written."""
+    held = write_alpaca(tmp_path / "held.jsonl", user.parts["val_clean"])
+    out = tmp_path / "u"
+    args = ["--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain, "--out", str(out)]
+    assert unlearn_cli(*args, "--heldout-clean", str(held)) == 0
+    capsys.readouterr()
+    res = json.loads((out / "result.json").read_text())
+    ids = [r.id for r in user.parts["val_clean"]]
+    assert res["heldout"]["ids"] == ids and res["collateral"]["n"] == len(ids)
+    assert json.loads((out / "packs.json").read_text())["heldout_path"] == str(held)
+    assert json.loads((out / "run.json").read_text())["inputs"]["heldout_clean"]["path"] == str(held.resolve())
+    bad = write_alpaca(tmp_path / "bad.jsonl", [*user.parts["val_clean"], user.parts["forget"][0]])
+    args[-1] = str(tmp_path / "refused")
+    assert unlearn_cli(*args, "--heldout-clean", str(bad)) == 2
+    assert "bad.jsonl: 1 held-out record(s) are also forget or retain-buffer records" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

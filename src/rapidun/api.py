@@ -83,6 +83,7 @@ def unlearn(
     overrides: Sequence[str] = (),
     adapter: PathLike | None = None,
     base: PathLike | None = None,
+    heldout_clean: Records | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> UnlearnResult:
@@ -104,6 +105,8 @@ def unlearn(
         overrides: dotted ``key=value`` settings, e.g. ``("unlearn.lr=5e-4",)``.
         adapter: a PEFT adapter on ``model`` to start from (the two merged).
         base: distill: the base model ``model`` was fine-tuned from.
+        heldout_clean: clean records the model never trained on (``--heldout-clean``): the utility budget and
+            the collateral checks measure up to 40 of them instead of retain records left out of the buffer.
         tokenizer: the tokenizer of an in-memory ``model``.
         overwrite: replace a different output in ``out``.
 
@@ -117,7 +120,7 @@ def unlearn(
     from rapidun.cli_inputs import identity
     from rapidun.commands import check_unlearn, run_unlearn, unlearn_overrides
     from rapidun.config import load_config
-    from rapidun.data.packs import packs_from_records
+    from rapidun.data.packs import packs_from_records, with_heldout
     from rapidun.io import stable_hash
     from rapidun.methods import get_method
 
@@ -126,14 +129,21 @@ def unlearn(
         model_path = _model_folder(model, tokenizer, Path(tmp))
         ov = unlearn_overrides(method, list(overrides), model_path, _s(adapter), _s(base))
         cfg = load_config(config, ov)
-        ns = _check(config=config, model_path=model_path, adapter=adapter, forget=forget, retain=retain, out=out)
+        ns = _check(config=config, model_path=model_path, adapter=adapter, forget=forget, retain=retain, out=out,
+                    heldout_clean=heldout_clean)  # fmt: skip
         ns.method, ns.base, ns.scenario, ns.merge = method, _s(base), None, False
         f, f_where = _records(forget, "forget", cfg)
         r, r_where = _records(retain, "retain", cfg)
         parts, packs = packs_from_records(f, r, cfg.scenario.retain_ratio, cfg.unlearn.seed, f_where, r_where)
+        given = {"forget": f, "retain": r}
+        if heldout_clean is not None:
+            h, h_where = _records(heldout_clean, "heldout_clean", cfg)
+            parts, given["heldout_clean"] = with_heldout(parts, h, h_where, packs), h
         check_unlearn(method, cfg, parts)
-        inputs = identity(ns, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "merge")
-        for k, recs in (("forget", f), ("retain", r)):
+        inputs = identity(
+            ns, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "heldout_clean", "merge"
+        )
+        for k, recs in given.items():
             if k not in inputs:  # records in memory: identified by their content
                 inputs[k] = {"records": stable_hash([x.to_json() for x in recs]), "format": cfg.data.format}
         target = Path(out) if out is not None else Path(tmp) / "out"

@@ -17,6 +17,7 @@ INPUT_ARGS = {
     "scenario": "scenario",
     "forget": "file",
     "retain": "file",
+    "heldout_clean": "file",
     "probes": "file",
     "train": "file",
     "test": "file",

@@ -29,6 +29,19 @@ def _unlearn_inputs(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, list]
     return load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
 
 
+def _with_heldout(
+    args: argparse.Namespace, cfg: Any, parts: dict[str, list], packs: dict[str, Any] | None
+) -> dict[str, list]:
+    """``--heldout-clean FILE``: the records the utility budget and the collateral checks measure."""
+    if not getattr(args, "heldout_clean", None):
+        return parts
+    from rapidun.data.packs import with_heldout
+    from rapidun.data.records import load_records
+
+    recs = load_records(args.heldout_clean, cfg.data.format, cfg.data.fields)
+    return with_heldout(parts, recs, args.heldout_clean, packs)
+
+
 def cmd_unlearn(args: argparse.Namespace) -> None:
     """Parse → config → :func:`rapidun.commands.run_unlearn` (the Python API's ``rapidun.unlearn`` calls it too)
     → print the summary."""
@@ -39,8 +52,11 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     args.overrides = unlearn_overrides(args.method, args.overrides, args.model_path, adapter, args.base, args.merge)
     cfg = load_args_config(args)
     parts, packs = _unlearn_inputs(args, cfg)
+    parts = _with_heldout(args, cfg, parts, packs)
     check_unlearn(args.method, cfg, parts)  # refused before anything is written
-    inputs = identity(args, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "merge")
+    inputs = identity(
+        args, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "heldout_clean", "merge"
+    )
     _, _, res, out = run_unlearn(args.method, args.model_path, adapter, parts, packs, cfg, args.out, args.overwrite,
                                  inputs)  # fmt: skip
     if not is_main():
@@ -82,5 +98,11 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--scenario", help="scenario folder (OUT/scenario of `rapidun scenario`): its forget/retain packs")
     p.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
     p.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")
+    p.add_argument(
+        "--heldout-clean",
+        help="clean records the model never trained on (data.format): the utility budget and the collateral checks "
+        "measure up to 40 of them (default: retain records left out of the buffer, usually fine-tuning data, which "
+        "under-report the damage on new prompts)",
+    )
     p.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
     p.set_defaults(fn=cmd_unlearn)

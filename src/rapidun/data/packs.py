@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from rapidun.constants import HELDOUT_CHECK
 from rapidun.data.records import Record, content_id, load_records
 from rapidun.errors import RapidunError
 
@@ -110,3 +111,39 @@ def packs_from_records(
     f, r, left, info = build_packs(forget, retain, retain_ratio, seed, forget_where, retain_where)
     info = {"forget_path": forget_where, "retain_path": retain_where, **info}
     return {"forget": f, "retain": r, "val_clean": left[:40]}, info
+
+
+def with_heldout(
+    parts: dict[str, list[Record]], heldout: list[Record], where: str, info: dict[str, Any] | None = None
+) -> dict[str, list[Record]]:
+    """``parts`` with ``val_clean`` replaced by the first :data:`HELDOUT_CHECK` records of ``heldout``.
+
+    ``val_clean`` is what an unlearning run measures its utility budget and collateral damage on. By default (the
+    user path) it holds retain records left out of the buffer, which the model was usually fine-tuned on: they move
+    less under unlearning than new prompts do. A held-out file of clean records the model never saw measures the
+    damage on data like the user's future prompts. A held-out record may not be a forget or retain-pack record
+    (same id or content): the run trains on those.
+
+    Args:
+        parts: the packs (``forget``, ``retain``, ...), not modified.
+        heldout: clean records the model never trained on.
+        where: the file, for errors.
+        info: the pack info (:func:`build_packs`), given ``heldout_path`` and ``n_heldout`` when not None.
+
+    Raises:
+        RapidunError: no records, or a record that is also in the forget or retain pack.
+    """
+    if not heldout:
+        raise RapidunError(f"{where}: no held-out clean records; give clean records the model never trained on")
+    packed = [r for k in ("forget", "retain") for r in parts.get(k, [])]
+    ids, contents = {r.id for r in packed}, {_content(r) for r in packed}
+    clash = [r for r in heldout if r.id in ids or _content(r) in contents]
+    if clash:
+        shown = ", ".join(repr(r.id) for r in clash[:5]) + (" ..." if len(clash) > 5 else "")
+        raise RapidunError(
+            f"{where}: {len(clash)} held-out record(s) are also forget or retain-buffer records (same id or same "
+            f"instruction/context/response): {shown}; the run trains on those, so remove them from {where}"
+        )
+    if info is not None:
+        info.update(heldout_path=where, n_heldout=min(len(heldout), HELDOUT_CHECK))
+    return {**parts, "val_clean": heldout[:HELDOUT_CHECK]}
