@@ -64,9 +64,25 @@ def per_sample_nll(
         ``(nll_sum (B,), n_tokens (B,))``.
     """
     logits, row, target = answer_logits(model, input_ids, attention_mask, labels)  # (A, V), (A,), (A,)
+    return nll_by_row(logits, row, target, input_ids.shape[0])
+
+
+def nll_by_row(
+    logits: torch.Tensor, row: torch.Tensor, target: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed NLL and answer-token counts from :func:`answer_logits`' output.
+
+    ``nll_i = −Σ_{a: row_a = i} log softmax(logits_a)[target_a]``, float32.
+
+    Args:
+        logits: (A, V). row: (A,) sample index of each position. target: (A,) next token. n: B.
+
+    Returns:
+        ``(nll_sum (B,), n_tokens (B,))``.
+    """
     nll = F.cross_entropy(logits.float(), target, reduction="none")  # (A,)
-    nll_sum = torch.zeros(input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
-    return nll_sum, torch.bincount(row, minlength=input_ids.shape[0])
+    nll_sum = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
+    return nll_sum, torch.bincount(row, minlength=n)
 
 
 def answer_logits(

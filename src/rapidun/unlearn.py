@@ -347,7 +347,7 @@ def unlearn(
         "retain_ce_before": _mean(before["ce_clean"][nf:]),
         "retain_ce_after": _mean(after["ce_clean"][nf:]),
     }
-    if start_snap is not None and held_before is not None:
+    if start_snap is not None and held_before is not None:  # both or neither (held-out records given)
         # collateral damage (the held-out prompts' answers against the start model's) and, from its KL pass, the
         # held-out loss after
         t = time.perf_counter()

@@ -25,6 +25,12 @@ def _content(r: Record) -> str:
     return content_id(r.instruction, r.context, r.response)
 
 
+def _shared(records: list[Record], against: list[Record]) -> list[Record]:
+    """The ``records`` that are also in ``against``: same id or same instruction/context/response."""
+    ids, contents = {r.id for r in against}, {_content(r) for r in against}
+    return [r for r in records if r.id in ids or _content(r) in contents]
+
+
 def build_packs(
     forget_records: list[Record],
     retain_records: list[Record],
@@ -56,10 +62,9 @@ def build_packs(
     if retain_ratio <= 0:
         raise RapidunError(f"scenario.retain_ratio must be > 0, got {retain_ratio}")
     target = max(1, round(retain_ratio * len(forget_records)))
-    f_ids = {r.id for r in forget_records}
-    f_content = {_content(r) for r in forget_records}
-    overlap = [r for r in retain_records if r.id in f_ids or _content(r) in f_content]
-    eligible = [r for r in retain_records if not (r.id in f_ids or _content(r) in f_content)]
+    overlap = _shared(retain_records, forget_records)
+    left_out = {id(r) for r in overlap}
+    eligible = [r for r in retain_records if id(r) not in left_out]
     drawn = len(retain_records) > target
     if overlap and not drawn:
         ids = ", ".join(repr(r.id) for r in overlap[:5]) + (" ..." if len(overlap) > 5 else "")
@@ -110,7 +115,7 @@ def packs_from_records(
     """:func:`load_packs` on records already loaded (``*_where``: where they came from, for errors and the info)."""
     f, r, left, info = build_packs(forget, retain, retain_ratio, seed, forget_where, retain_where)
     info = {"forget_path": forget_where, "retain_path": retain_where, **info}
-    return {"forget": f, "retain": r, "val_clean": left[:40]}, info
+    return {"forget": f, "retain": r, "val_clean": left[:HELDOUT_CHECK]}, info
 
 
 def with_heldout(
@@ -135,9 +140,7 @@ def with_heldout(
     """
     if not heldout:
         raise RapidunError(f"{where}: no held-out clean records; give clean records the model never trained on")
-    packed = [r for k in ("forget", "retain") for r in parts.get(k, [])]
-    ids, contents = {r.id for r in packed}, {_content(r) for r in packed}
-    clash = [r for r in heldout if r.id in ids or _content(r) in contents]
+    clash = _shared(heldout, [r for k in ("forget", "retain") for r in parts.get(k, [])])
     if clash:
         shown = ", ".join(repr(r.id) for r in clash[:5]) + (" ..." if len(clash) > 5 else "")
         raise RapidunError(

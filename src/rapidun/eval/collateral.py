@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rapidun.data.template import Encoded, collate
 from rapidun.eval.generate import generate
 from rapidun.eval.rouge import rouge_tokens
-from rapidun.functional import answer_logits
+from rapidun.functional import answer_logits, nll_by_row
 
 AGREE_TOKENS = 32  # N: greedy tokens compared between the start model's answer and the unlearned model's
 KL_TOPK = 64  # K: start-model tokens kept per answer position for the KL (the rest is one bin)
@@ -171,7 +171,7 @@ def _answer_pass(
     """One teacher-forced pass over ``rows``: each row's mean answer CE and ``fn(logits (A_b, V))`` per batch.
 
     Rows are batched in length order exactly as :func:`rapidun.steps.eval_ce` batches them (same order, same
-    arithmetic as :func:`rapidun.functional.per_sample_nll`), so the CE equals ``eval_ce``'s at the same
+    arithmetic: :func:`rapidun.functional.nll_by_row`), so the CE equals ``eval_ce``'s at the same
     ``batch_size`` and the pass that measures the KL also gives the held-out loss: one forward pass, not two.
 
     Returns:
@@ -187,9 +187,8 @@ def _answer_pass(
         idx = order[s : s + batch_size]
         batch = collate([rows[i] for i in idx], pad_id).to(device)
         logits, row, target = answer_logits(model, batch.input_ids, batch.attention_mask, batch.labels)  # (A_b, V)
-        nll = F.cross_entropy(logits.float(), target, reduction="none")  # (A_b,)
-        nll_sum = torch.zeros(len(idx), dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)  # (B,)
-        ce[idx] = (nll_sum / torch.bincount(row, minlength=len(idx)).clamp_min(1)).float().cpu()
+        nll_sum, n = nll_by_row(logits, row, target, len(idx))  # (B,), (B,)
+        ce[idx] = (nll_sum / n.clamp_min(1)).float().cpu()
         outs.append(fn(logits))
     return ce, outs
 
