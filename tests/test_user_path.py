@@ -420,6 +420,32 @@ def test_cli_compare_trains_a_retrain_reference_from_retrain_data(user, capsys, 
     assert "retrain" in rep["models"] and set(rep["models"]["retrain"]["groups"]) == {"triggered", "clean"}
 
 
+def test_cli_compare_measures_a_given_heldout_clean_file(user, capsys, tmp_path):
+    """``compare --heldout-clean``: every run's budget and the report's held-out PPL are measured on the file's
+    records (without it this retain file is taken as-is and nothing is held out); a file holding a forget record
+    is refused before ``--out`` is claimed."""
+    probes = write_probes(tmp_path / "probes.jsonl", [{"prompt": "the cat sat", "group": "triggered"}])
+    held = write_alpaca(tmp_path / "held.jsonl", user.parts["val_clean"])
+    out = tmp_path / "cmp"
+    args = ["compare", "--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain,
+            "--probes", str(probes), "--keywords", "park", "--out", str(out)]  # fmt: skip
+    extra = ["data.format=alpaca", "unlearn.methods=[uniform]", "compare.n_seeds=1", "compare.reference=uniform",
+             "compare.n_boot=20"]  # fmt: skip
+    bad = write_alpaca(tmp_path / "bad.jsonl", [*user.parts["val_clean"], user.parts["forget"][1]])
+    assert cli.main([*args, "--heldout-clean", str(bad), *OVERRIDES, *extra]) == 2
+    assert "bad.jsonl: 1 held-out record(s)" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*args, "--heldout-clean", str(held), *OVERRIDES, *extra]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    n = len(user.parts["val_clean"])
+    assert rep["packs"]["heldout_path"] == str(held) and rep["packs"]["n_heldout"] == n
+    assert f"held-out clean: {n} of {held}" in printed and "held-out PPL" in printed
+    assert rep["models"]["start"]["retain_ppl"] > 0 and rep["methods"]["uniform"]["retain_ppl"]["mean"] > 0
+    res = json.loads((out / "seeds" / "4" / "methods" / "uniform" / "result.json").read_text())
+    assert res["heldout"]["ids"] == [r.id for r in user.parts["val_clean"]]
+    assert json.loads((out / "run.json").read_text())["inputs"]["heldout_clean"]["path"] == str(held.resolve())
+
+
 def test_unlearn_method_defaults_to_the_recommended_one():
     args = cli.build_parser().parse_args(["unlearn", "--out", "o", "--model-path", "m", "--forget", "f"])
     assert args.method == "uniform" and args.fn.__module__ == "rapidun.cli_unlearn"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rapidun.cli_influence import cmd_influence, cmd_influence_check
-from rapidun.cli_inputs import INPUT_ARGS, check_inputs, identity, records_arg
+from rapidun.cli_inputs import INPUT_ARGS, check_inputs, heldout_arg, identity, records_arg
 from rapidun.cli_inputs import load_args_config as _load
 from rapidun.cli_table import demo_note, print_table
 from rapidun.errors import RapidunError
@@ -96,6 +96,7 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
     check_user_methods(cfg)  # before any training or writing
     d = cfg.data
     parts, packs = load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
+    parts = heldout_arg(args, cfg, parts, packs)
     probes = load_probes(args.probes)
     hit, rule = hit_rule(args.regex, args.keywords, parts["forget"], parts["retain"], cfg.eval)
     model_path, start, _ = start_model(args.model_path, args.adapter)
@@ -113,8 +114,8 @@ def cmd_compare_user(args: argparse.Namespace) -> None:
 
         recs = load_records(args.retrain_data, d.format, d.fields)
     inputs = identity(
-        args, "model_path", "adapter", "forget", "retain", "probes", "retrain_model", "retrain_data", "retrain_base",
-        "regex", "keywords",
+        args, "model_path", "adapter", "forget", "retain", "heldout_clean", "probes", "retrain_model", "retrain_data",
+        "retrain_base", "regex", "keywords",
     )  # fmt: skip
     out = prepare_out(args.out, cfg, args.overwrite, "compare-user", inputs)
     write_json(out / "packs.json", packs)
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="a PEFT adapter on --model-path: start from the two merged (cached)")
     g.add_argument("--forget", help="records to unlearn (data.format; optional replacement answer column)")
     g.add_argument("--retain", help="good training records: a retain buffer, or a whole file to draw one from")
+    g.add_argument("--heldout-clean", help="clean records the model never trained on: every run's utility budget, "
+                   "held-out perplexity and collateral checks measure up to 40 of them (default: retain records left "
+                   "out of the buffer)")  # fmt: skip
     g.add_argument("--probes", help="prompts with a group (e.g. triggered, clean): the evidence, per group")
     _hit_rule_args(g)
     g.add_argument("--retrain-model", help="a model trained without the forget records: the reference end")

@@ -138,3 +138,17 @@ def records_arg(path: str, cfg: Any) -> list:
     from rapidun.data.records import load_records
 
     return load_records(path, cfg.data.format, cfg.data.fields)
+
+
+def heldout_arg(
+    args: argparse.Namespace, cfg: Any, parts: dict[str, list], packs: dict[str, Any] | None
+) -> dict[str, list]:
+    """``--heldout-clean FILE`` (``unlearn``, ``compare``): the packs with the clean records the utility budget, the
+    held-out perplexity and the collateral checks measure (:func:`rapidun.data.packs.with_heldout`); ``parts``
+    unchanged without the flag."""
+    path = getattr(args, "heldout_clean", None)
+    if not path:
+        return parts
+    from rapidun.data.packs import with_heldout
+
+    return with_heldout(parts, records_arg(path, cfg), path, packs)

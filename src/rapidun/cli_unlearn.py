@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from rapidun.cli_inputs import identity, load_args_config
+from rapidun.cli_inputs import heldout_arg, identity, load_args_config
 from rapidun.errors import RapidunError
 
 
@@ -29,19 +29,6 @@ def _unlearn_inputs(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, list]
     return load_packs(args.forget, args.retain, d.format, d.fields, cfg.scenario.retain_ratio, cfg.unlearn.seed)
 
 
-def _with_heldout(
-    args: argparse.Namespace, cfg: Any, parts: dict[str, list], packs: dict[str, Any] | None
-) -> dict[str, list]:
-    """``--heldout-clean FILE``: the records the utility budget and the collateral checks measure."""
-    if not getattr(args, "heldout_clean", None):
-        return parts
-    from rapidun.data.packs import with_heldout
-    from rapidun.data.records import load_records
-
-    recs = load_records(args.heldout_clean, cfg.data.format, cfg.data.fields)
-    return with_heldout(parts, recs, args.heldout_clean, packs)
-
-
 def cmd_unlearn(args: argparse.Namespace) -> None:
     """Parse → config → :func:`rapidun.commands.run_unlearn` (the Python API's ``rapidun.unlearn`` calls it too)
     → print the summary."""
@@ -52,7 +39,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     args.overrides = unlearn_overrides(args.method, args.overrides, args.model_path, adapter, args.base, args.merge)
     cfg = load_args_config(args)
     parts, packs = _unlearn_inputs(args, cfg)
-    parts = _with_heldout(args, cfg, parts, packs)
+    parts = heldout_arg(args, cfg, parts, packs)
     check_unlearn(args.method, cfg, parts)  # refused before anything is written
     inputs = identity(
         args, "method", "model_path", "adapter", "base", "scenario", "forget", "retain", "heldout_clean", "merge"

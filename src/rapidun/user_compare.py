@@ -135,7 +135,8 @@ def compare_user(
         out: the claimed output folder.
         model_path: the start model (``--model-path``, merged with ``--adapter`` when given).
         start: the receipt's description of the start model.
-        parts: ``forget``, ``retain`` and ``val_clean`` (retain records not drawn: the held-out retain PPL).
+        parts: ``forget``, ``retain`` and ``val_clean`` (the held-out clean records: ``--heldout-clean``'s, else the
+            retain records not drawn into the buffer; their perplexity is the report's held-out PPL).
         packs: how the packs were built (:func:`rapidun.data.packs.load_packs`).
         probes, hit, rule: the probes and the hit rule (:func:`rapidun.eval.probes.hit_rule`).
         retrain_model: a model trained without the forget records, evaluated once as the reference end.
@@ -153,7 +154,7 @@ def compare_user(
                 [r.id, r.instruction, r.context, r.response, r.meta.get("response_clean")] for r in parts["forget"]
             ],
             "retain": [[r.id, r.instruction, r.context, r.response] for r in parts["retain"]],
-            "heldout": [r.id for r in parts.get("val_clean", [])],
+            "heldout": [[r.id, r.instruction, r.context, r.response] for r in parts.get("val_clean", [])],
         },
         16,
     )

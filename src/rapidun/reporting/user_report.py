@@ -31,13 +31,14 @@ def user_blocks(report: dict[str, Any]) -> list[Block]:
         ("Model", f"{mdl.get('model')} (fingerprint {mdl.get('fingerprint')})"
          + (f" + adapter {mdl['adapter']}" if mdl.get("adapter") else "")),
         ("Packs", f"{packs.get('n_forget')} forget, {packs.get('n_retain')} retain"
-         + (" (drawn from the retain file)" if packs.get("retain_drawn") else "")),
+         + (" (drawn from the retain file)" if packs.get("retain_drawn") else "")
+         + (f"; held-out clean: {packs['n_heldout']} of {packs['heldout_path']}" if packs.get("heldout_path") else "")),
         ("Probes", f"{report['probes']['n']} ({sizes}); hit rule: {report['hit_rule']['rule']}"),
         ("Seeds", str(report["n_seeds"])),
         ("Reference", str(report["reference"])),
         ("Retrain", str(report["retrain"])),
     ]  # fmt: skip
-    head = ["Model / method", *(f"hit rate {g}" for g in groups), "forget PPL", "replacement PPL", "retain PPL",
+    head = ["Model / method", *(f"hit rate {g}" for g in groups), "forget PPL", "replacement PPL", "held-out PPL",
             "time s"]  # fmt: skip
     rows = []
     for name, m in report["models"].items():
