@@ -121,6 +121,8 @@ def test_budget_crossing_restores_best_state_and_backs_off(tiny_tok):
     cal = stats["calibration"]
     crossings = [c for c in cal["curve"][1:] if c["utility_ratio"] is not None and c["utility_ratio"] > 1.001]
     assert crossings  # such a tight budget is crossed
+    # an over-budget state is restored whatever its forget signal, so its signal is not measured
+    assert all(c["signal"] is None for c in crossings)
     assert cal["restored_steps"] > 0
     assert ratio <= 1.001 + 1e-6
     if cal["stop_reason"] == "backoffs":
@@ -196,6 +198,8 @@ def test_unlearn_defaults_to_the_calibrated_schedule_and_records_it(saved):
     receipt = json.loads((root / "cal" / "receipt.json").read_text())
     assert receipt["config"]["unlearn"]["schedule"] == "calibrated"
     assert json.loads((root / "cal" / "result.json").read_text())["calibration"]["curve"] == cal["curve"]
+    # the held-out check after the run measures what the schedule kept: the same token-weighted utility ratio
+    assert res["heldout"]["ppl_ratio"] == pytest.approx(cal["best_utility_ratio"], rel=1e-4)
     fixed = _unlearn(saved, "fixed", parts, ["unlearn.schedule=fixed"])
     assert "calibration" not in fixed
 
@@ -241,3 +245,31 @@ def test_pace_spends_what_is_left_of_the_budget(tiny_tok):
     assert ctl.main_lr == 2e-3
     ctl._pace(20, None, 1.05)
     assert ctl.main_lr == 4e-3
+
+
+def test_start_ce_from_the_caller_gives_the_measured_reference(tiny_tok, monkeypatch):
+    """``start_ce`` (the collateral snapshot's per-row CE) spares the start pass and gives the same ``h₀``: the
+    token-weighted held-out CE, ``log`` of :func:`rapidun.eval.metrics.perplexity` (the slow obvious version)."""
+    model, forget, _, held = world(tiny_tok)
+    pad = tiny_tok.pad_token_id
+    rows = eval_ce(model, held, pad, CPU)
+    h0 = float(rows.mean())
+    import rapidun.calibrate as calibrate
+
+    passes: list[int] = []  # the rows of each evaluation pass the calibrator makes
+
+    def counting(m, r, *a, **k):
+        passes.append(len(r))
+        return eval_ce(m, r, *a, **k)
+
+    monkeypatch.setattr(calibrate, "eval_ce", counting)
+    measured = Calibrator(model, forget, held, h0, 1.1, 1.0, 1e-3, 1e-2, 4, 4, 3, 2, 24, pad, CPU)
+    n_measured, passes[:] = list(passes), []
+    given = Calibrator(model, forget, held, h0, 1.1, 1.0, 1e-3, 1e-2, 4, 4, 3, 2, 24, pad, CPU, start_ce=rows)
+    assert given.h0_tok == pytest.approx(measured.h0_tok, rel=1e-6)
+    assert math.exp(given.h0_tok) == pytest.approx(perplexity(model, held, pad), rel=1e-5)
+    # measured: one held-out pass, then one pass over responses + replacements; given: the latter only
+    n_sig = len(forget) + sum(it.clean is not None for it in forget)
+    assert n_measured == [len(held), n_sig] and passes == [n_sig]
+    with pytest.raises(ValueError, match="start_ce has 2 rows"):
+        Calibrator(model, forget, held, h0, 1.1, 1.0, 1e-3, 1e-2, 4, 4, 3, 2, 24, pad, CPU, start_ce=rows[:2])

@@ -42,7 +42,7 @@ import torch
 
 from rapidun.data.template import Encoded
 from rapidun.errors import RapidunError
-from rapidun.steps import UItem, eval_ce
+from rapidun.steps import UItem, answer_tokens, eval_ce, token_weighted
 
 __all__ = ["GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
 
@@ -92,6 +92,11 @@ class Calibrator:
         max_backoffs: back-offs before the run stops.
         batch_size: draws per step. total_steps: the run's step budget.
         pad_id, device: for the measurements.
+        start_signal: the start state's forget signal when the caller has measured it (the audit before the run);
+            None: measured here.
+        start_ce: (R,) each held-out row's mean answer CE under the start model when the caller has measured it
+            (the collateral snapshot's pass); None: measured here. ``h₀`` of the utility ratio is its token-weighted
+            mean.
     """
 
     def __init__(
@@ -112,13 +117,16 @@ class Calibrator:
         pad_id: int,
         device: torch.device,
         start_signal: float | None = None,
+        start_ce: torch.Tensor | None = None,
     ) -> None:
         if not held:
             raise ValueError("the calibrated schedule needs held-out clean records")
         self.model, self.held, self.h0, self.budget, self.target = model, held, h0, budget, target
-        self.held_n = torch.tensor([sum(x != -100 for x in e.labels[1:]) for e in held], dtype=torch.float64)
-        self.resp = [it.poisoned for it in forget]
-        self.repl = [(k, it.clean) for k, it in enumerate(forget) if it.clean is not None]
+        self.held_n = answer_tokens(held)
+        # The forget signal's rows: every response, then the replacements there are (one pass over both).
+        self.sig_rows = [it.poisoned for it in forget] + [it.clean for it in forget if it.clean is not None]
+        self.repl_idx = [k for k, it in enumerate(forget) if it.clean is not None]
+        self.n_forget = len(forget)
         self.pad, self.device, self.total = pad_id, device, total_steps
         self.ladder = rate_ladder(lr_min, lr_max)
         self.probe_steps = max(1, math.ceil(probe_draws / batch_size))
@@ -134,7 +142,10 @@ class Calibrator:
         self.main_start = 0
         self.next_check = self.probe_steps
         self.check_s = 0.0
-        self.h0_tok = self._held_ce()  # the start model's token-weighted held-out CE (the utility's reference)
+        if start_ce is not None and len(start_ce) != len(held):
+            raise ValueError(f"start_ce has {len(start_ce)} rows for {len(held)} held-out rows")
+        # the start model's token-weighted held-out CE (the utility's reference), from the caller's pass when given
+        self.h0_tok = token_weighted(start_ce, self.held_n) if start_ce is not None else self._held_ce()
         self.restored_steps = 0  # steps whose effect a restore threw away
         self._last_restore = 0
         self.reached = False
@@ -159,7 +170,9 @@ class Calibrator:
         """Called after ``done`` steps have been taken; measures when due. Returns True to stop the run.
 
         Probe checks measure the utility ratio only (the forget signal of the probe's last good state is measured
-        once, when the probe ends); main-run checks measure both and re-pace the rate (:meth:`_pace`).
+        once, when the probe ends); main-run checks measure the utility ratio, then the forget signal of a state
+        within the budget (an over-budget state is restored, whatever its signal: ``signal`` None in the curve),
+        and re-pace the rate (:meth:`_pace`).
         """
         self._acc += self.rate(done - 1)
         if done < self.next_check and done < self.total:
@@ -184,13 +197,14 @@ class Calibrator:
                 return False
             self.cap = self.ladder[self.rung]
             return self._end_probe(done, k)
-        ratio, s = self._utility(), self._signal()
+        ratio = self._utility()
         within = math.isfinite(ratio) and ratio <= self.budget
+        s = self._signal() if within else None  # an over-budget state is never kept: its signal decides nothing
         k = self._cost(ratio)
         self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s, "cost": k})
-        if within and s > self.best["signal"]:
+        if s is not None and s > self.best["signal"]:
             self.best = {"step": done, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
-        if within and s >= self.target:
+        if s is not None and s >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
         if not within:
@@ -313,7 +327,7 @@ class Calibrator:
         if was_training:
             self.model.train()
         self.check_s += time.perf_counter() - t
-        return float((ce * self.held_n).sum() / self.held_n.sum().clamp_min(1))
+        return token_weighted(ce, self.held_n)
 
     def _utility(self) -> float:
         """The utility ratio ``u = exp(h − h₀)`` of the model now."""
@@ -324,11 +338,11 @@ class Calibrator:
         """The forget signal ``s`` of the model now (train mode restored afterwards)."""
         t = time.perf_counter()
         was_training = self.model.training
-        ce_resp = eval_ce(self.model, self.resp, self.pad, self.device)
+        ce = eval_ce(self.model, self.sig_rows, self.pad, self.device)  # responses, then replacements: one pass
+        ce_resp = ce[: self.n_forget]
         ce_repl = torch.full_like(ce_resp, math.nan)
-        if self.repl:
-            vals = eval_ce(self.model, [e for _, e in self.repl], self.pad, self.device)
-            ce_repl[[k for k, _ in self.repl]] = vals
+        if self.repl_idx:
+            ce_repl[self.repl_idx] = ce[self.n_forget :]
         if was_training:
             self.model.train()
         self.check_s += time.perf_counter() - t
@@ -358,6 +372,7 @@ def make_calibrator(
     pad: int,
     device: torch.device,
     start_signal: float | None = None,
+    start_ce: torch.Tensor | None = None,
 ) -> Calibrator:
     """The calibrated schedule's controller for one run (:mod:`rapidun.calibrate`), from the ``unlearn`` settings.
 
@@ -372,5 +387,5 @@ def make_calibrator(
     return Calibrator(
         model, forget, held, h0, u.utility_budget, u.calibrate_target, u.calibrate_lr_min, u.calibrate_lr_max,
         u.calibrate_probe_draws, u.calibrate_every, u.calibrate_max_backoffs, u.batch_size, total, pad, device,
-        start_signal,
+        start_signal, start_ce,
     )  # fmt: skip

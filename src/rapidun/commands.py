@@ -90,7 +90,8 @@ def run_unlearn(
 
     Claims ``out`` (:func:`rapidun.run_folder.prepare_out` with ``inputs`` as its identity), writes ``packs.json``,
     the influence views the method needs, then :func:`rapidun.unlearn.unlearn` (adapter, weights, audit, result,
-    receipt) and, with ``unlearn.merge``, ``merged/``. Call :func:`check_unlearn` first.
+    receipt), ``calibration.png`` (the calibrated schedule's curve, when it ran) and, with ``unlearn.merge``,
+    ``merged/``. Call :func:`check_unlearn` first.
 
     Returns:
         ``(merged model, tokenizer, result dict, out)``; on ranks other than 0 the result is not written.
@@ -114,6 +115,12 @@ def run_unlearn(
         views = method_views(kind, path, parts["forget"], parts["retain"], cfg, out / "influence")
     prov = {"start": start, "packs": packs, "previous": previous}
     merged, tok, res = unlearn(method, parts, path, cfg, out, views, provenance=prov)
+    cal = res.get("calibration") or {}
+    if cal.get("schedule") == "calibrated" and is_main():  # the schedule's curve, drawn (docs/method.md)
+        from rapidun.reporting.plots import calibration_curves
+
+        with atomic_path(out / "calibration.png") as tmp:
+            tmp.write_bytes(calibration_curves([(method, cal)]))
     if cfg.unlearn.merge and is_main():
         with atomic_path(out / "merged") as tmp:
             merged.save_pretrained(tmp)
@@ -166,7 +173,13 @@ def unlearn_lines(method: str, res: dict[str, Any], packs: dict[str, Any] | None
     h = res.get("heldout")
     if h:
         ce = _arrow(h["ce_before"], h["ce_after"])
-        lines.append(f"held-out clean records ({h['n']}, never trained on): CE {ce}, perplexity x{h['ppl_ratio']:.2f}")
+        if packs is None:
+            where = "the scenario's val_clean"
+        elif packs.get("heldout_path"):
+            where = f"from {packs['heldout_path']}"
+        else:  # retain records the buffer left out: the model may well have trained on them
+            where = "retain records not in the buffer; --heldout-clean for records the model never saw"
+        lines.append(f"held-out clean records ({h['n']}, {where}): CE {ce}, perplexity x{h['ppl_ratio']:.2f}")
     elif packs is not None:
         lines.append(
             "held-out clean records: none (a --retain file larger than the buffer leaves some out to check utility; "

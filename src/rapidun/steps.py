@@ -90,6 +90,20 @@ def eval_ce(model: Any, rows: list[Encoded], pad_id: int, device: torch.device, 
     return out
 
 
+def answer_tokens(rows: list[Encoded]) -> torch.Tensor:
+    """(R,) float64: each row's number of scored answer tokens (labels after the first that are not ignored), the
+    weights that turn per-row mean CEs into the token-weighted mean of :func:`token_weighted`."""
+    return torch.tensor([sum(x != IGNORE for x in e.labels[1:]) for e in rows], dtype=torch.float64)
+
+
+def token_weighted(ce: torch.Tensor, n: torch.Tensor) -> float:
+    """The token-weighted mean CE ``Σ_i n_i·ce_i / Σ_i n_i`` of per-row mean CEs ``ce`` (R,) over ``n`` (R,) answer
+    tokens: ``Σ NLL / Σ tokens`` over all the rows, so ``exp`` of it is their perplexity
+    (:func:`rapidun.eval.metrics.perplexity`)."""
+    n = n.to(torch.float64)
+    return float((ce.to(torch.float64) * n).sum() / n.sum().clamp_min(1))
+
+
 def step_losses(
     model: Any,
     draws: list[tuple[str, int]],

@@ -12,9 +12,9 @@ One function per step, each timed (never a constant):
 3. :func:`unlearn` — a fresh LoRA adapter on the poisoned model trained by :func:`rapidun.train.unlearn_loop`
    (or Fisher noise), then per-sample losses before/after for the audit table, the adapter saved in PEFT
    format, ``weights.jsonl`` keyed by sample id, and the signal diagnostics (:mod:`rapidun.diagnostics`); on up
-   to :data:`HELDOUT_CHECK` held-out clean records, the perplexity ratio (``heldout``) and the collateral damage
-   against the start model (``collateral``: replacement rate, answer agreement, KL; :mod:`rapidun.eval.collateral`),
-   each with its warning.
+   to :data:`HELDOUT_CHECK` held-out clean records, the perplexity ratio (``heldout``: token-weighted CE,
+   ``Σ NLL / Σ tokens``, before and after) and the collateral damage against the start model (``collateral``:
+   replacement rate, answer agreement, KL; :mod:`rapidun.eval.collateral`), each with its warning.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from rapidun.methods.fisher import fisher_forget
 from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
 from rapidun.receipt import NAME as RECEIPT
 from rapidun.receipt import make_receipt
-from rapidun.steps import UItem, eval_ce, row_stats
+from rapidun.steps import UItem, answer_tokens, eval_ce, row_stats, token_weighted
 from rapidun.train import NonFiniteLoss, unlearn_loop, use_autocast
 from rapidun.unlearn_variants import distill_run, dynamic_refresh
 from rapidun.unlearn_warnings import collateral_fix, forget_change_warning, heldout_warning
@@ -276,7 +276,7 @@ def unlearn(
             s0 = forget_signal(torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
                                torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
                                             dtype=torch.float32), held_before)  # fmt: skip
-            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, s0)
+            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, s0, start_snap["ce"])
         elif u.schedule == "calibrated":
             result["calibration"] = {"schedule": "fixed", "reason": "no held-out clean records to calibrate on"}
             result["schedule_note"] = (
@@ -356,13 +356,16 @@ def unlearn(
         result["collateral"], _, ce_after = compare_with_start(merged, tok, start_snap, held_prompts, held, reps,
                                                                ids, cfg.eval.batch_size)  # fmt: skip
         timings["collateral_s"] += time.perf_counter() - t
-        held_after = float(ce_after.mean())
+        # token-weighted (Σ NLL / Σ tokens), as the calibrated schedule's utility ratio and perplexity() measure it
+        n_tok = answer_tokens(held)
+        tw_before, tw_after = token_weighted(start_snap["ce"], n_tok), token_weighted(ce_after, n_tok)
         result["heldout"] = {
             "n": len(held),
             "ids": ids,
-            "ce_before": held_before,
-            "ce_after": held_after,
-            "ppl_ratio": math.exp(held_after - held_before),
+            "tokens": int(n_tok.sum()),
+            "ce_before": tw_before,
+            "ce_after": tw_after,
+            "ppl_ratio": math.exp(tw_after - tw_before) if math.isfinite(tw_after) else math.inf,
         }
     warns = [
         forget_change_warning(
