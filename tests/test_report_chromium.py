@@ -102,7 +102,7 @@ def test_report_loads_in_chromium(rendered):
     result = json.loads(html_mod.unescape(m.group(1)))
     assert result["errors"] == []
     assert result["title"].startswith("RapidUn report")
-    assert len(result["images"]) == n_plots == 6
+    assert len(result["images"]) == n_plots == 7
     assert all(result["images"]), result
     assert all(w > 100 and h > 100 for w, h in result["sizes"]), result["sizes"]
 

@@ -24,6 +24,23 @@ SEEDS = [42, 43]
 FAMILIES = ["semantic", "style", "surface"]
 METHODS = ["rapidun", "uniform", "ga", "retrain"]
 N_FORGET, N_RETAIN = 6, 10
+# A calibrated schedule's record (result.json "calibration"), as rapidun.calibrate writes it: the uniform cells have
+# one (probe, an over-budget check restored, the kept state), the others ran the fixed schedule.
+CALIBRATION = {
+    "schedule": "calibrated",
+    "budget": 1.1,
+    "target": 2.0,
+    "best_step": 12,
+    "best_signal": 1.4,
+    "curve": [
+        {"step": 0, "lr": 0.0, "phase": "start", "utility_ratio": 1.0, "signal": 0.2},
+        {"step": 4, "lr": 1e-4, "phase": "probe", "utility_ratio": 1.01, "signal": None},
+        {"step": 8, "lr": 3.2e-4, "phase": "probe", "utility_ratio": 1.04, "signal": None},
+        {"step": 8, "lr": 0.0, "phase": "probe_end", "utility_ratio": 1.04, "signal": 0.9},
+        {"step": 12, "lr": 3e-4, "phase": "main", "utility_ratio": 1.08, "signal": 1.4},
+        {"step": 16, "lr": 2e-4, "phase": "main", "utility_ratio": 1.2, "signal": None},
+    ],
+}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -169,6 +186,7 @@ def make_run(root: Path, *, methods: bool = True, influence: bool = True, seeds:
                         "timings": cell["timings"],
                         "weights": {},
                     }
+                    | ({"calibration": CALIBRATION} if name == "uniform" else {})
                 )
             )
         cells = list(per_seed.values())
@@ -241,7 +259,8 @@ def test_render_full_run(full):
     for p in plots.values():
         assert p.parent == run / "plots" and p.read_bytes().startswith(b"\x89PNG")
     imgs = _images(html)
-    assert html.count(IMG) == len(imgs) == len(plots) == 6
+    assert html.count(IMG) == len(imgs) == len(plots) == 7
+    assert "From calibration.curve of seeds/42/methods/uniform/result.json" in md
     assert all(b.startswith(b"\x89PNG\r\n\x1a\n") for b in imgs)
     assert sorted(imgs) == sorted(p.read_bytes() for p in plots.values())
     for name in PLOT_NAMES:
@@ -321,6 +340,7 @@ def test_empty_methods_no_influence_one_seed(tmp_path):
     md = paths["md"].read_text(encoding="utf-8")
     assert html.count(IMG) == 3
     assert "No unlearning methods in report.json" in md
+    assert "No calibrated schedule in this run" in md
     assert "Influence heat maps skipped: no influence in report.json" in md
     assert "Weight histogram skipped: no rapidun method" in md
     assert "No paired tests in report.json" in md
@@ -366,7 +386,7 @@ def test_deterministic_and_cli(tmp_path, capsys):
 
 def test_report_blocks_and_missing_report(full, tmp_path):
     blocks = report_blocks(full[0])
-    assert sum(isinstance(b, Figure) for b in blocks) == 6
+    assert sum(isinstance(b, Figure) for b in blocks) == 7
     with pytest.raises(FileNotFoundError):
         render_report(tmp_path / "nowhere")
 
@@ -464,4 +484,4 @@ def test_report_draws_the_removal_frontier_and_the_distance_columns(tmp_path):
     assert "L2 to poisoned | L2 to retrain" in md
     row = next(line for line in md.splitlines() if line.startswith("| rapidun@42 |"))
     assert "| 2.50e-05 | 0.049 |" in row
-    assert sum(isinstance(b, Figure) for b in report_blocks(run)) == 7
+    assert sum(isinstance(b, Figure) for b in report_blocks(run)) == 8  # the 7 plots + the removal frontier

@@ -467,6 +467,7 @@ def test_heldout_warning_threshold_and_message():
 
 def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warns(user, capsys):
     from rapidun.data.template import encode_records
+    from rapidun.eval.metrics import perplexity
     from rapidun.models import load_model
 
     out = user.root / "held"
@@ -479,17 +480,21 @@ def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warn
     drawn = set(json.loads((out / "receipt.json").read_text())["retain_ids"])
     held = [r for r in user.parts["retain"] if r.id not in drawn]
     assert h["ids"] == [r.id for r in held] and h["n"] == len(held) > 0
-    # the slow version: one record at a time, HF's own shifted mean CE over the answer tokens
+    # the slow version: one record at a time, HF's own shifted mean CE over the answer tokens, weighted by them
     cfg = load_config(None, [*OVERRIDES, "data.format=alpaca"])
     model, tok, _ = load_model(user.model_dir, "cpu", "float32")
-    ces = []
+    nll, toks = 0.0, 0
+    enc = encode_records(tok, held, cfg.model)[0]
     with torch.no_grad():
-        for e in encode_records(tok, held, cfg.model)[0]:
+        for e in enc:
             ids = torch.tensor([e.input_ids])
-            ces.append(float(model(input_ids=ids, labels=torch.tensor([e.labels])).loss))
-    assert h["ce_before"] == pytest.approx(sum(ces) / len(ces), abs=1e-5)
+            n = sum(x != -100 for x in e.labels[1:])
+            nll += float(model(input_ids=ids, labels=torch.tensor([e.labels])).loss) * n
+            toks += n
+    assert h["tokens"] == toks and h["ce_before"] == pytest.approx(nll / toks, abs=1e-5)
+    assert math.exp(h["ce_before"]) == pytest.approx(perplexity(model, enc, tok.pad_token_id), rel=1e-5)
     assert h["ppl_ratio"] == pytest.approx(math.exp(h["ce_after"] - h["ce_before"]))
-    assert f"held-out clean records ({h['n']}, never trained on)" in cap.out
+    assert f"held-out clean records ({h['n']}, retain records not in the buffer; --heldout-clean" in cap.out
     c = json.loads((out / "result.json").read_text())["collateral"]
     assert f"collateral on the held-out clean prompts ({c['n']}): " in cap.out
     assert f"answers agree {c['agreement']:.2f} with the start model's" in cap.out
@@ -504,9 +509,10 @@ def test_heldout_clean_file_is_what_the_budget_measures(user, capsys, tmp_path):
     out = tmp_path / "u"
     args = ["--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain, "--out", str(out)]
     assert unlearn_cli(*args, "--heldout-clean", str(held)) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     res = json.loads((out / "result.json").read_text())
     ids = [r.id for r in user.parts["val_clean"]]
+    assert f"held-out clean records ({len(ids)}, from {held}): CE " in printed
     assert res["heldout"]["ids"] == ids and res["collateral"]["n"] == len(ids)
     assert json.loads((out / "packs.json").read_text())["heldout_path"] == str(held)
     assert json.loads((out / "run.json").read_text())["inputs"]["heldout_clean"]["path"] == str(held.resolve())
@@ -515,3 +521,22 @@ def test_heldout_clean_file_is_what_the_budget_measures(user, capsys, tmp_path):
     assert unlearn_cli(*args, "--heldout-clean", str(bad)) == 2
     assert "bad.jsonl: 1 held-out record(s) are also forget or retain-buffer records" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_calibrated_unlearn_draws_its_schedule(user, capsys, tmp_path):
+    """The calibrated schedule (the default) writes OUT/calibration.png beside result.json, lists it among the
+    outputs and records it as written (so --overwrite may remove it); the fixed schedule writes none."""
+    held = write_alpaca(tmp_path / "held.jsonl", user.parts["val_clean"])
+    out = tmp_path / "cal"
+    args = ["--model-path", user.model_dir, "--forget", user.forget, "--retain", user.retain, "--out", str(out)]
+    assert unlearn_cli(*args, "--heldout-clean", str(held), extra=("unlearn.schedule=calibrated",)) == 0
+    printed = capsys.readouterr().out
+    cal = json.loads((out / "result.json").read_text())["calibration"]
+    assert cal["schedule"] == "calibrated" and cal["curve"]
+    assert (out / "calibration.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "calibration.png" in printed.splitlines()[-1] and "schedule: calibrated within" in printed
+    assert "calibration.png" in json.loads((out / "run.json").read_text())["written"]
+    fixed = tmp_path / "fixed"
+    args[-1] = str(fixed)
+    assert unlearn_cli(*args, "--heldout-clean", str(held)) == 0
+    assert "calibration.png" not in capsys.readouterr().out and not (fixed / "calibration.png").exists()

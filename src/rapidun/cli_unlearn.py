@@ -55,6 +55,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         raise RapidunError(f"{res['stopped']} (outputs written to {out})")
     files = ["adapter/" if (out / "adapter").is_dir() else None, "weights.jsonl", "audit.jsonl", "result.json"]
     files += ["receipt.json"] + (["packs.json"] if packs is not None else [])
+    files += ["calibration.png"] if (out / "calibration.png").is_file() else []
     files += ["merged/"] if cfg.unlearn.merge else []
     print(f"written to {out}: " + ", ".join(f for f in files if f))
 

@@ -106,12 +106,12 @@ def prepare_out(
 # Every top-level name a rapidun command writes into its --out (what --overwrite may remove from an output whose
 # run.json records no list of its own, i.e. one that did not finish).
 OUTPUT_NAMES = frozenset(
-    "adapter audit.jsonl cells config.resolved.yaml detector.json eval exact forget.jsonl influence influence.json "
-    "influence.pt influence_check.json manifest.json merged packs.json peak_mem.json plots probes.jsonl ranked.jsonl "
-    "receipt.json report.html report.json report.md result.json retrain_training.json run.json scenario "
-    "scenario.json seeds sketches study.html study.json study.md tofu_scatter.png topk.jsonl trace trace.html "
-    "trace.json trace.md training verification.json verification.md verify views.json views.pt weights.jsonl "
-    "robust distance.json metrics.json influence_traced".split()
+    "adapter audit.jsonl calibration.png cells config.resolved.yaml detector.json eval exact forget.jsonl "
+    "influence influence.json influence.pt influence_check.json manifest.json merged packs.json peak_mem.json "
+    "plots probes.jsonl ranked.jsonl receipt.json report.html report.json report.md result.json "
+    "retrain_training.json run.json scenario scenario.json seeds sketches study.html study.json study.md "
+    "tofu_scatter.png topk.jsonl trace trace.html trace.json trace.md training verification.json verification.md "
+    "verify views.json views.pt weights.jsonl robust distance.json metrics.json influence_traced".split()
 )
 _OUTPUT_PATTERN = re.compile(r"^probes_[\w.-]+\.jsonl?$|^[\w.-]+\.generations\.jsonl$")  # per-name files
 

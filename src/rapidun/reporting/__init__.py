@@ -20,7 +20,9 @@ from rapidun.reporting.html import render_html
 from rapidun.reporting.load import SCHEMA, RunData
 from rapidun.reporting.markdown import render_markdown
 
-PLOT_NAMES = ("asr_vs_utility", "asr_by_family", "weights", "influence_views", "loss_curves", "timings")
+PLOT_NAMES = (
+    "asr_vs_utility", "asr_by_family", "weights", "influence_views", "loss_curves", "calibration", "timings",
+)  # fmt: skip
 
 
 def report_blocks(run_dir: str | Path) -> list[Block]:

@@ -259,6 +259,33 @@ def loss_plot(run: RunData, colors: dict[str, str]) -> list[Block]:
     return out
 
 
+def calibration_plot(run: RunData, colors: dict[str, str]) -> list[Block]:
+    """The calibrated schedule of each method and seed (result.json ``calibration``), when its runs used it."""
+    runs: list[tuple[str, dict[str, Any]]] = []
+    files = []
+    for name, me in run.methods.items():
+        seeds = run.ordered_seeds(me.get("per_seed"))
+        for seed in seeds:
+            folder = run.method_dir(name, seed)
+            f = folder / "result.json" if folder is not None else None
+            if f is None or not f.is_file():
+                continue
+            try:
+                rec = get(_read_json(f), "calibration")
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("schedule") == "calibrated" and rec.get("curve"):
+                runs.append((name if len(seeds) == 1 else f"{name} seed {seed}", rec))
+                files.append(f)
+    if not runs:
+        return [Note("No calibrated schedule in this run (unlearn.schedule=fixed): nothing to plot.")]
+    caption = (
+        f"From calibration.curve of {_files(run, files)}: the held-out utility ratio against the budget, the "
+        "forget signal against its target and the rate at each check (docs/method.md, the calibrated schedule)."
+    )
+    return [Figure("calibration", "Calibrated schedule", plots.calibration_curves(runs, colors), caption)]
+
+
 def timing_plot(run: RunData) -> list[Block]:
     """Plot f: stacked mean timings per method, plus the retrained model's fine-tuning time."""
     bars: list[tuple[str, dict[str, float]]] = []
@@ -376,6 +403,7 @@ def build(run: RunData) -> list[Block]:
         (f"{REFERENCE} sample weights", lambda: weight_plot(run)),
         ("Influence views", lambda: heatmap_plot(run)),
         ("Training loss", lambda: loss_plot(run, colors)),
+        ("Calibrated schedule", lambda: calibration_plot(run, colors)),
         ("Timings", lambda: timing_plot(run)),
     ]
     for title, fn in sections:

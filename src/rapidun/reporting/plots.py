@@ -10,6 +10,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -366,4 +367,57 @@ def removal_frontier(points: Sequence[FrontierPoint], title: str = "Removal fron
         ax.scatter([], [], marker="o", s=45, facecolor="white", edgecolor="#666666", label="before the attack"),
     ]
     ax.legend(handles=handles, fontsize=8, loc="best")
+    return to_png(fig)
+
+
+def calibration_curves(runs: Sequence[tuple[str, dict[str, Any]]], colors: dict[str, str] | None = None) -> bytes:
+    """The calibrated schedule's measurements (:mod:`rapidun.calibrate`), one line per run, against the step.
+
+    Three panels sharing the step axis: the held-out utility ratio ``u = exp(h − h₀)`` with the budget (dashed),
+    the forget signal ``s`` (measured at the probe's end and at main-run checks within the budget) with the target
+    (dashed), and the learning rate at each check (log scale). The kept state (``best_step``) is starred.
+
+    Args:
+        runs: ``(label, record)`` pairs, ``record`` a result.json ``calibration`` (``curve``: a list of checks with
+            ``step``, ``lr``, ``utility_ratio``, ``signal``; ``budget``, ``target``, ``best_step``).
+        colors: optional label → colour.
+    """
+    colors = colors or {}
+    fig = _figure(7.0, 7.4)
+    ax_u, ax_s, ax_r = fig.subplots(3, 1, sharex=True)
+    fallback = palette(max(1, len(runs)))
+    for i, (label, rec) in enumerate(runs):
+        color = colors.get(label, fallback[i])
+        curve = [c for c in rec.get("curve", []) if isinstance(c, dict) and c.get("step") is not None]
+        u = [(c["step"], c["utility_ratio"]) for c in curve if c.get("utility_ratio") is not None]
+        s = [(c["step"], c["signal"]) for c in curve if c.get("signal") is not None and math.isfinite(c["signal"])]
+        r = [(c["step"], c["lr"]) for c in curve if c.get("lr")]
+        if u:
+            ax_u.plot(*zip(*u, strict=True), marker="o", ms=3, lw=1.2, color=color, label=label)
+        if s:
+            ax_s.plot(*zip(*s, strict=True), marker="o", ms=3, lw=1.2, color=color, label=label)
+        if r:
+            ax_r.plot(*zip(*r, strict=True), marker=".", lw=1.0, color=color, label=label)
+        best = rec.get("best_step")
+        kept = [c for c in curve if c["step"] == best and c.get("utility_ratio") is not None]
+        if kept:
+            ax_u.plot([best], [kept[-1]["utility_ratio"]], marker="*", ms=12, color=color, ls="none")
+        if rec.get("best_signal") is not None and best is not None and math.isfinite(rec["best_signal"]):
+            ax_s.plot([best], [rec["best_signal"]], marker="*", ms=12, color=color, ls="none")
+    budgets = {rec.get("budget") for _, rec in runs if rec.get("budget") is not None}
+    targets = {rec.get("target") for _, rec in runs if rec.get("target") is not None}
+    for b in budgets:
+        ax_u.axhline(b, ls="--", color="0.4", lw=1.0, label=f"budget {b:g}")
+    for t in targets:
+        ax_s.axhline(t, ls="--", color="0.4", lw=1.0, label=f"target {t:g}")
+    ax_u.set_ylabel("held-out utility ratio u")
+    ax_s.set_ylabel("forget signal s (nats)")
+    ax_r.set_ylabel("learning rate")
+    ax_r.set_yscale("log")
+    ax_r.set_xlabel("optimiser step")
+    ax_u.set_title("Calibrated schedule (star: the state kept)", fontsize=10)
+    for ax in (ax_u, ax_s, ax_r):
+        ax.grid(alpha=0.3)
+    ax_u.legend(fontsize=7)
+    ax_s.legend(fontsize=7)
     return to_png(fig)
