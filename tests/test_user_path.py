@@ -463,6 +463,13 @@ def test_heldout_warning_threshold_and_message():
     w = heldout_warning(bad, 5e-4, "loop")
     assert w is not None and "rose 1.65x" in w and "1.000 -> 1.500" in w and "lower unlearn.lr (now 0.0005)" in w
     assert "fisher_alphas" in heldout_warning(bad, 5e-4, "fisher") and heldout_warning(None, 5e-4, "loop") is None
+    # a calibrated run kept u <= budget on the unmerged adapter: the merged model's rounding is not a warning, a
+    # real excess is, and its fix is the budget (the rate is the schedule's)
+    edge = {"n": 4, "ce_before": 1.0, "ce_after": 1.0 + math.log(1.1 * 1.004), "ppl_ratio": 1.1 * 1.004}
+    assert heldout_warning(edge, 5e-4, "loop", 1.1) is not None
+    assert heldout_warning(edge, 5e-4, "loop", 1.1, calibrated=True) is None
+    w = heldout_warning(bad, 5e-4, "loop", 1.1, calibrated=True)
+    assert w is not None and "lower unlearn.utility_budget (now 1.1)" in w and "unlearn.lr" not in w
 
 
 def test_heldout_records_are_measured_like_the_slow_loop_and_a_damaging_run_warns(user, capsys):

@@ -50,8 +50,9 @@ class UnlearnResult:
     Attributes:
         model: the unlearned model (the adapter merged into the start model; in memory, eval mode).
         tokenizer: its tokenizer.
-        out: the output folder (adapter/, weights.jsonl, audit.jsonl, result.json, receipt.json, packs.json), or
-            None when ``out=None`` (the temporary folder is gone).
+        out: the output folder (adapter/, weights.jsonl, audit.jsonl, result.json, receipt.json, packs.json and,
+            when the calibrated schedule ran, calibration.png), or None when ``out=None`` (the temporary folder is
+            gone).
         result: ``result.json``'s content (timings, weights, loss curve, ``audit_means``, ``heldout``, ...).
         warnings: the run's warnings (forget loss barely moved, held-out perplexity rose, ...).
         packs: how the forget/retain packs were built (``packs.json``).

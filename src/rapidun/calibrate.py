@@ -42,7 +42,7 @@ import torch
 
 from rapidun.data.template import Encoded
 from rapidun.errors import RapidunError
-from rapidun.steps import UItem, answer_tokens, eval_ce, token_weighted
+from rapidun.steps import UItem, answer_tokens, eval_ce, ratio_of, token_weighted
 
 __all__ = ["GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
 
@@ -331,8 +331,7 @@ class Calibrator:
 
     def _utility(self) -> float:
         """The utility ratio ``u = exp(h − h₀)`` of the model now."""
-        h = self._held_ce()
-        return math.exp(h - self.h0_tok) if math.isfinite(h) else math.inf
+        return ratio_of(self.h0_tok, self._held_ce())
 
     def _signal(self) -> float:
         """The forget signal ``s`` of the model now (train mode restored afterwards)."""

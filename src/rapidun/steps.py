@@ -5,6 +5,7 @@ and the per-sample losses of a step from one forward pass (:func:`step_losses`),
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,13 @@ def token_weighted(ce: torch.Tensor, n: torch.Tensor) -> float:
     (:func:`rapidun.eval.metrics.perplexity`)."""
     n = n.to(torch.float64)
     return float((ce.to(torch.float64) * n).sum() / n.sum().clamp_min(1))
+
+
+def ratio_of(ce_before: float, ce_after: float) -> float:
+    """The perplexity ratio ``exp(ce_after − ce_before)``; ``inf`` where it overflows or is not a number (a destroyed
+    model), as :func:`rapidun.eval.metrics.perplexity`."""
+    d = ce_after - ce_before
+    return math.exp(d) if d < 709.0 else math.inf  # NaN compares False: inf
 
 
 def step_losses(

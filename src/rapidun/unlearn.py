@@ -41,7 +41,7 @@ from rapidun.methods.fisher import fisher_forget
 from rapidun.models import attach_lora, fingerprint, load_model, resolve_model_path
 from rapidun.receipt import NAME as RECEIPT
 from rapidun.receipt import make_receipt
-from rapidun.steps import UItem, answer_tokens, eval_ce, row_stats, token_weighted
+from rapidun.steps import UItem, answer_tokens, eval_ce, ratio_of, row_stats, token_weighted
 from rapidun.train import NonFiniteLoss, unlearn_loop, use_autocast
 from rapidun.unlearn_variants import distill_run, dynamic_refresh
 from rapidun.unlearn_warnings import collateral_fix, forget_change_warning, heldout_warning
@@ -365,13 +365,14 @@ def unlearn(
             "tokens": int(n_tok.sum()),
             "ce_before": tw_before,
             "ce_after": tw_after,
-            "ppl_ratio": math.exp(tw_after - tw_before) if math.isfinite(tw_after) else math.inf,
+            "ppl_ratio": ratio_of(tw_before, tw_after),
         }
+    calibrated = (result.get("calibration") or {}).get("schedule") == "calibrated"
     warns = [
         forget_change_warning(
             result["audit_means"], u.lr, result.get("complete", True), method.kind, result.get("calibration")
         ),
-        heldout_warning(result.get("heldout"), u.lr, method.kind, u.utility_budget),
+        heldout_warning(result.get("heldout"), u.lr, method.kind, u.utility_budget, calibrated),
         collateral_warning(result.get("collateral"), collateral_fix(u.lr, method.kind)),
     ]
     result["warnings"] = [w for w in warns if w] + ([result["schedule_note"]] if "schedule_note" in result else [])

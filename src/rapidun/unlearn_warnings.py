@@ -50,20 +50,34 @@ def forget_change_warning(
     )
 
 
+CALIBRATED_SLACK = 0.005  # a calibrated run's held-out ratio may exceed its kept u by this (relative): the merge
+
+
 def heldout_warning(
-    heldout: dict[str, Any] | None, lr: float, kind: str, budget: float = MAX_HELDOUT_PPL_RATIO
+    heldout: dict[str, Any] | None,
+    lr: float,
+    kind: str,
+    budget: float = MAX_HELDOUT_PPL_RATIO,
+    calibrated: bool = False,
 ) -> str | None:
     """A warning when the held-out clean records' perplexity rose more than ``budget`` (``unlearn.utility_budget``).
 
-    ``ppl_ratio = exp(CE_after − CE_before)`` over the mean answer CE of up to :data:`HELDOUT_CHECK` clean records
-    the run never trained on (the scenario's ``val_clean``; on the user path the retain records not drawn into
-    the buffer). The retain buffer's own loss falls even when the model is damaged (it is trained on), so this
-    is the run's utility check.
+    ``ppl_ratio = exp(CE_after − CE_before)`` over the token-weighted answer CE (``Σ NLL / Σ tokens``) of up to
+    :data:`HELDOUT_CHECK` held-out clean records (the scenario's ``val_clean``; on the user path the
+    ``--heldout-clean`` records, else the retain records not drawn into the buffer). The retain buffer's own loss
+    falls even when the model is damaged (it is trained on), so this is the run's utility check. A ``calibrated``
+    run kept a state within the budget measured on the unmerged adapter; the merged model (rounded in bf16) may
+    measure a little higher, so it warns only past ``budget·(1 + CALIBRATED_SLACK)``, and the fix is the budget.
     """
-    if heldout is None or heldout["ppl_ratio"] <= budget:
+    if heldout is None or heldout["ppl_ratio"] <= budget * (1 + CALIBRATED_SLACK if calibrated else 1):
         return None
     fix = {
-        "loop": f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`",
+        "loop": (
+            f"lower unlearn.utility_budget (now {budget:g}): the calibrated schedule kept its state within it on the "
+            "unmerged adapter, and check with `rapidun eval --probes`"
+            if calibrated
+            else f"lower unlearn.lr (now {lr:g}) or unlearn.ascent_alpha, and check with `rapidun eval --probes`"
+        ),
         "distill": "distill starts the model again from its base, so records the start model was trained on lose "
         "their memorised fit too: if these held-out records were in its training data (a --retain file of training "
         "records), check on records it never saw (`rapidun eval --probes`); else raise unlearn.distill_steps or "
