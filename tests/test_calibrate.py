@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import make_model, make_unlearn_items
-from rapidun.calibrate import Calibrator, forget_signal, make_calibrator, rate_ladder
+from rapidun.calibrate import AIM, Calibrator, forget_signal, make_calibrator, rate_ladder
 from rapidun.config import UnlearnConfig
 from rapidun.data.template import encode, format_prompt
 from rapidun.eval.metrics import perplexity
@@ -224,27 +224,53 @@ def test_start_signal_from_the_audit_equals_the_measured_one(tiny_tok):
     assert measured == pytest.approx(slow, rel=1e-5)
 
 
-def test_pace_spends_what_is_left_of_the_budget(tiny_tok):
+def test_pace_travels_the_distance_left_to_the_aim(tiny_tok):
     model, forget, _, held = world(tiny_tok)
     pad = tiny_tok.pad_token_id
     ctl = Calibrator(model, forget, held, 1.0, 1.10, 1.0, 1e-4, 1e-2, 4, 4, 3, 2, 100, pad, CPU)
     ctl.cap = 1e-2
     ctl.main_lr = None  # the first segment: no growth limit yet
-    ctl._pace(20, 5.0, 1.05)  # cost 5 per unit of rate·step, 80 steps left, log(1.10/1.05) of budget left
-    r = 2 * math.log(1.10 / 1.05) / (5.0 * 80)
-    assert ctl.main_lr == pytest.approx(r) and ctl.main_start == 20
-    # the cosine from r over the 80 steps sums to r·80/2, so the predicted cost k·Σrate is what was left
-    assert 5.0 * sum(ctl.rate(t) for t in range(20, 100)) == pytest.approx(math.log(1.10 / 1.05), rel=0.02)
-    ctl._pace(20, 1e-9, 1.05)  # almost free: at most double the last peak
-    assert ctl.main_lr == pytest.approx(2 * r)
+    ctl.disp, c = 0.01, 400.0  # 20 steps travelled D = 0.01; log u = c·D² = 0.04
+    ctl._pace(20, c, math.exp(c * 0.01**2))
+    # slow obvious version: the distance D* where c·D*² is the aim, and the cosine's sum over the 80 steps left
+    d_star = math.sqrt(AIM * math.log(1.10) / c)
+    assert ctl.main_lr == pytest.approx(2 * (d_star - 0.01) / 80) and ctl.main_start == 20
+    travelled = sum(ctl.rate(t) for t in range(20, 100))
+    assert c * (0.01 + travelled) ** 2 == pytest.approx(AIM * math.log(1.10), rel=0.02)
+    # a state measured above the model's prediction has less left: the measured log u anchors the plan
     ctl.main_lr = None
-    ctl._pace(20, 1e-9, 1.05)  # ... and never above the cap
+    ctl._pace(20, c, math.exp(0.06))
+    assert ctl.main_lr == pytest.approx(2 * (math.sqrt(0.01**2 + (AIM * math.log(1.10) - 0.06) / c) - 0.01) / 80)
+    ctl.main_lr = None
+    ctl._pace(20, c, 1.095)  # already past the aim: the slowest rate, not a negative one
+    assert 0 < ctl.main_lr <= ctl.ladder[0] * 1e-3
+    ctl.main_lr = 1e-4
+    ctl._pace(20, 1e-6, 1.0001)  # almost free: at most double the last peak
+    assert ctl.main_lr == pytest.approx(2e-4)
+    ctl.main_lr = None
+    ctl._pace(20, 1e-6, 1.0001)  # ... and never above the cap
     assert ctl.main_lr == 1e-2
     ctl.main_lr, ctl.cap = 1e-3, 1e-2
-    ctl._pace(20, -1.0, 1.05)  # utility improved: double the current rate
+    ctl._pace(20, None, 0.99)  # utility improved (no curvature): double the current rate
     assert ctl.main_lr == 2e-3
-    ctl._pace(20, None, 1.05)
+    ctl._pace(20, -1.0, 1.05)
     assert ctl.main_lr == 4e-3
+
+
+def test_curvature_is_log_u_over_the_squared_distance_on_the_kept_path(tiny_tok):
+    _, stats, _ = run(tiny_tok, cfg(utility_budget=1.05), calibrated=True)
+    cal = stats["calibration"]
+    for c in cal["curve"][1:]:
+        if "curvature" not in c:
+            continue
+        u, d = c["utility_ratio"], c["disp"]
+        if c["curvature"] is None:
+            assert not (math.isfinite(u) and u > 1.0 and d > 0)
+        else:
+            assert c["curvature"] == pytest.approx(math.log(u) / d**2)
+    # D is Σ rate over the steps since the start, restarting from the kept state's D after a restore
+    first = next(c for c in cal["curve"] if c["phase"] == "probe")
+    assert first["disp"] == pytest.approx(first["lr"] * cal["probe_steps_per_rung"])
 
 
 def test_start_ce_from_the_caller_gives_the_measured_reference(tiny_tok, monkeypatch):

@@ -20,12 +20,15 @@ Phases (deterministic for a seed: the draws are those of the fixed schedule, in 
    state crosses the budget (or whose loss is not finite) ends the probe: the model goes back to the last state
    within the budget, whose forget signal is measured then, and the previous rung's rate becomes the run's rate.
 2. **Main run, paced.** Cosine segments over the remaining steps, measured every ``ceil(calibrate_every / batch)``
-   steps. Each check measures the utility cost per unit of rate, ``k = Δ log u / Σ rate`` since the last check
-   (the probe's last good rung gives the first), and starts a new segment whose peak spends what is left of the
-   budget over the remaining steps: ``r = 2·(log budget − log u)/(k·R)`` (a cosine over ``R`` steps sums to
-   ``r·R/2``), at most the probe's last good rate. The best state within the budget (highest ``s``) is kept; a
-   check over the budget restores it and halves the cap (**back-off**, at most ``calibrate_max_backoffs`` times);
-   the run stops early when ``s`` reaches the target.
+   steps. The utility cost is modelled as quadratic in the distance travelled from the start model (a minimum of
+   its clean loss): ``log u ≈ c·D²`` with ``D = Σ rate`` over the steps on the kept path (Adam's step is about
+   the rate in size). Each check measures the curvature ``c = log u / D²`` and starts a new segment whose peak
+   travels the distance left to the aim ``log u = AIM·log budget``: from the state's measured ``log u``,
+   ``ΔD = √(D² + (AIM·log budget − log u)/c) − D`` and ``r = 2·ΔD/R`` (a cosine over ``R`` steps sums to
+   ``r·R/2``), at most the probe's last good rate. (A cost linear in the rate does not fit: on the demo model
+   ``Δ log u / Σ rate`` rose from 1.2 to 10 within one run while ``c`` stayed within 170–270.) The best state
+   within the budget (highest ``s``) is kept; a check over the budget restores it and halves the cap
+   (**back-off**, at most ``calibrate_max_backoffs`` times); the run stops early when ``s`` reaches the target.
 3. The model ends in the best state within the budget (at worst the start state: an adapter of zeros).
 
 Every choice (rate, steps, back-offs, the measured curve, the time spent measuring) is returned by
@@ -44,9 +47,10 @@ from rapidun.data.template import Encoded
 from rapidun.errors import RapidunError
 from rapidun.steps import UItem, answer_tokens, eval_ce, ratio_of, token_weighted
 
-__all__ = ["GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
+__all__ = ["AIM", "GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
 
 GROWTH = 2.0  # a paced segment's peak is at most this × the previous segment's
+AIM = 0.9  # the pacing aims at log u = AIM·log budget (u ≈ 1.09 for 1.10): a margin for the model's misfit
 
 
 def rate_ladder(lr_min: float, lr_max: float) -> list[float]:
@@ -136,9 +140,9 @@ class Calibrator:
         self.phase, self.rung, self.backoffs = "probe", 0, 0
         self.main_lr: float | None = None
         self.cap: float = self.ladder[-1]  # the fastest rate the main run may use
-        self.rung_cost: list[float | None] = []  # utility cost per unit of rate, measured on each probe rung
-        self._acc = 0.0  # Σ rate over the steps since the last check
-        self._last_log_u = 0.0  # log u at the last check (the start: u = 1)
+        self.rung_curv: list[float | None] = []  # the curvature c = log u / D², measured on each probe rung
+        self.disp = 0.0  # D: Σ rate over the steps on the path from the start state to the model now
+        self.curv: float | None = None  # the latest measured curvature (what the pacing uses)
         self.main_start = 0
         self.next_check = self.probe_steps
         self.check_s = 0.0
@@ -154,7 +158,7 @@ class Calibrator:
         # The start state: u = 1 by definition (the adapter is zero); s from the caller's audit when given.
         s = self._signal() if start_signal is None else start_signal
         self.curve.append({"step": 0, "lr": 0.0, "phase": "start", "utility_ratio": 1.0, "signal": s})
-        self.best = {"step": 0, "utility_ratio": 1.0, "signal": s, "state": self._snapshot()}
+        self.best = {"step": 0, "utility_ratio": 1.0, "signal": s, "disp": 0.0, "state": self._snapshot()}
         self.start_signal = s
 
     # -- what the loop asks ---------------------------------------------------------------------------------
@@ -174,36 +178,44 @@ class Calibrator:
         within the budget (an over-budget state is restored, whatever its signal: ``signal`` None in the curve),
         and re-pace the rate (:meth:`_pace`).
         """
-        self._acc += self.rate(done - 1)
+        self.disp += self.rate(done - 1)
         if done < self.next_check and done < self.total:
             return False
         lr = self.rate(done - 1)
         if self.phase == "probe":
             ratio = self._utility()
             within = math.isfinite(ratio) and ratio <= self.budget
-            k = self._cost(ratio)
-            self.rung_cost.append(k)
+            c = self._curvature(ratio)
+            self.rung_curv.append(c)
             self.curve.append({"step": done, "lr": lr, "phase": "probe", "utility_ratio": ratio, "signal": None,
-                               "cost": k})  # fmt: skip
+                               "curvature": c, "disp": self.disp})  # fmt: skip
             if within:  # training on: the latest state within the budget is the probe's best
-                self.best = {"step": done, "utility_ratio": ratio, "signal": None, "state": self._snapshot()}
+                self.best = {"step": done, "utility_ratio": ratio, "signal": None, "disp": self.disp,
+                             "state": self._snapshot()}  # fmt: skip
             if not within:
                 self._restore(opt, done)
                 self.cap = self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2
-                return self._end_probe(done, self.rung_cost[-2] if self.rung > 0 else k)
+                # A mild crossing (u ≤ budget²) travelled farthest within the quadratic region: its curvature is the
+                # best measured. A blow-up (on the demo: u 17.6 at 3e-3, c 8× the last good rung's) is not
+                # quadratic: pace from the last good rung's curvature, and let a back-off correct it.
+                last_good = self.rung_curv[-2] if self.rung > 0 else None
+                mild = c is not None and ratio <= self.budget**2
+                return self._end_probe(done, c if mild or last_good is None else last_good)
             if self.rung + 1 < len(self.ladder) and done < self.total:
                 self.rung += 1
                 self.next_check = done + self.probe_steps
                 return False
             self.cap = self.ladder[self.rung]
-            return self._end_probe(done, k)
+            return self._end_probe(done, c)
         ratio = self._utility()
         within = math.isfinite(ratio) and ratio <= self.budget
         s = self._signal() if within else None  # an over-budget state is never kept: its signal decides nothing
-        k = self._cost(ratio)
-        self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s, "cost": k})
+        c = self._curvature(ratio)
+        self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s,
+                           "curvature": c, "disp": self.disp})  # fmt: skip
         if s is not None and s > self.best["signal"]:
-            self.best = {"step": done, "utility_ratio": ratio, "signal": s, "state": self._snapshot()}
+            self.best = {"step": done, "utility_ratio": ratio, "signal": s, "disp": self.disp,
+                         "state": self._snapshot()}  # fmt: skip
         if s is not None and s >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
@@ -215,48 +227,47 @@ class Calibrator:
             self.cap = min(self.cap, float(self.main_lr) / 2)  # never again as fast as the rate that crossed
             self._restore(opt, done)
             ratio = self.best["utility_ratio"]
-        self._pace(done, k, ratio)
+        self._pace(done, c if c is not None else self.curv, ratio)
         self.curve[-1]["next_lr"] = self.main_lr
         return False
 
-    def _cost(self, ratio: float) -> float | None:
-        """Utility cost per unit of rate since the last check: ``Δ log u / Σ_steps rate`` (None: nothing to divide
-        by); resets the running sums."""
-        log_u = math.log(ratio) if math.isfinite(ratio) and ratio > 0 else math.inf
-        k = (log_u - self._last_log_u) / self._acc if self._acc > 0 and math.isfinite(log_u) else None
-        self._last_log_u, self._acc = log_u, 0.0
-        return k
+    def _curvature(self, ratio: float) -> float | None:
+        """The curvature ``c = log u / D²`` of the state now (``D`` = :attr:`disp`); None where it says nothing (no
+        distance travelled, ``u ≤ 1``, or ``u`` not finite). The latest measured value is kept in :attr:`curv`."""
+        if not (math.isfinite(ratio) and ratio > 1.0 and self.disp > 0):
+            return None
+        self.curv = math.log(ratio) / self.disp**2
+        return self.curv
 
-    def _pace(self, done: int, k: float | None, ratio: float) -> None:
-        """Start a cosine segment at ``done`` whose predicted utility cost spends what is left of the budget.
+    def _pace(self, done: int, c: float | None, ratio: float) -> None:
+        """Start a cosine segment at ``done`` that travels the distance left to the aim ``log u = AIM·log budget``.
 
-        With ``k`` the measured cost per unit of rate·step, a cosine from peak ``r`` over the ``R`` remaining
-        steps costs about ``k·r·R/2``; so ``r = 2·(log budget − log u)/(k·R)``, at most :attr:`cap` (the
-        fastest rate the probe found within the budget, halved at each back-off) and at most :data:`GROWTH` × the
-        last segment's peak: the cost per unit of rate is not constant but grows with the rate (on the demo it
-        rose from 0.6 at 3e-5 to 15 at 2e-4), so a rate paced from a cheap segment would overshoot. A measured
-        cost ≤ 0 (the utility did not fall) grows the rate by the same factor. ``ratio``: the utility ratio ``u`` of the
-        state the run goes on from.
+        Under the model ``log u = c·D²``, from the state now (distance :attr:`disp` ``= D``, measured ``log u``) the
+        aim is reached after ``ΔD = √(D² + (AIM·log budget − log u)/c) − D`` more; a cosine from peak ``r`` over
+        the ``R`` remaining steps travels ``r·R/2``, so ``r = 2·ΔD/R`` — at most :attr:`cap` (the fastest rate
+        the probe found within the budget, halved at each back-off) and at most :data:`GROWTH` × the last
+        segment's peak. Without a curvature (``c`` None or ≤ 0: the utility did not fall) the rate grows by
+        :data:`GROWTH`. ``ratio``: the utility ratio ``u`` of the state the run goes on from.
         """
-        left = max(0.0, math.log(self.budget) - math.log(ratio))
         steps = max(1, self.total - done)
-        if k is not None and k > 0:
-            r = 2.0 * left / (k * steps)
+        log_u = math.log(ratio) if math.isfinite(ratio) and ratio > 0 else math.inf
+        if c is not None and c > 0:
+            d2 = self.disp**2 + (AIM * math.log(self.budget) - log_u) / c
+            r = 2.0 * max(0.0, math.sqrt(max(0.0, d2)) - self.disp) / steps
         else:
             r = math.inf
         if self.main_lr:  # the cost per unit of rate grows with the rate: at most double the last segment's peak
             r = min(r, GROWTH * float(self.main_lr))
         self._start_main(done, max(min(float(self.cap), r), self.ladder[0] * 1e-3))
 
-    def _end_probe(self, done: int, k: float | None) -> bool:
+    def _end_probe(self, done: int, c: float | None) -> bool:
         """The probe is over: the model is in its best state; measure that state's forget signal and pace the main
-        run from the probe's cost ``k`` (True: the target is already reached, or no steps are left)."""
+        run from the probe's curvature ``c`` (True: the target is already reached, or no steps are left)."""
         if self.best["signal"] is None:
             self.best["signal"] = self._signal()
             self.curve.append({"step": self.best["step"], "lr": 0.0, "phase": "probe_end",
                                "utility_ratio": self.best["utility_ratio"], "signal": self.best["signal"]})  # fmt: skip
-        self._last_log_u = math.log(self.best["utility_ratio"])
-        self._pace(done, k, self.best["utility_ratio"])
+        self._pace(done, c, self.best["utility_ratio"])
         if self.best["signal"] >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
@@ -266,19 +277,17 @@ class Calibrator:
         """A non-finite loss or gradient before step ``done``: treated as a budget crossing. True: stop."""
         self.curve.append({"step": done, "lr": self.rate(done), "phase": self.phase, "utility_ratio": None,
                            "signal": None, "non_finite": True})  # fmt: skip
-        self._acc = 0.0
         if self.phase == "probe":
             self._restore(opt, done)
             self.cap = self.ladder[self.rung - 1] if self.rung > 0 else self.ladder[0] / 2
-            return self._end_probe(done, self.rung_cost[-1] if self.rung_cost else None)
+            return self._end_probe(done, self.rung_curv[-1] if self.rung_curv else None)
         if self.backoffs >= self.max_backoffs:
             self.stop_reason = "backoffs"
             return True
         self.backoffs += 1
         self.cap = min(self.cap, float(self.main_lr) / 2)
         self._restore(opt, done)
-        self._last_log_u = math.log(self.best["utility_ratio"])
-        self._pace(done, None, self.best["utility_ratio"])
+        self._pace(done, self.curv, self.best["utility_ratio"])
         return False
 
     def finish(self) -> dict[str, Any]:
@@ -297,6 +306,8 @@ class Calibrator:
             "h0": self.h0,  # record-mean held-out CE (the forget signal's reference without a replacement)
             "h0_token_weighted": self.h0_tok,  # the utility ratio's reference
             "ladder": self.ladder,
+            "aim": AIM,
+            "curvature": self.curv,  # the latest measured c of log u = c·D²
             "probe_steps_per_rung": self.probe_steps,
             "check_every_steps": self.every,
             "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],
@@ -357,7 +368,7 @@ class Calibrator:
             for p, v in zip(self.params, self.best["state"], strict=True):
                 p.copy_(v)
         opt.state.clear()
-        self._last_log_u = math.log(self.best["utility_ratio"])
+        self.disp = self.best["disp"]
         self.restored_steps += done - max(self.best["step"], self._last_restore)
         self._last_restore = done
 
