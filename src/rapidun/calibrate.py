@@ -25,8 +25,9 @@ Phases (deterministic for a seed: the draws are those of the fixed schedule, in 
    the rate in size). Each check measures the curvature ``c = log u / D²`` and starts a new segment whose peak
    travels the distance left to the aim ``log u = AIM·log budget``: from the state's measured ``log u``,
    ``ΔD = √(D² + (AIM·log budget − log u)/c) − D`` and ``r = 2·ΔD/R`` (a cosine over ``R`` steps sums to
-   ``r·R/2``), at most the probe's last good rate. (A cost linear in the rate does not fit: on the demo model
-   ``Δ log u / Σ rate`` rose from 1.2 to 10 within one run while ``c`` stayed within 170–270.) The best state
+   ``r·R/2``), at most the probe's last good rate. (A cost linear in the rate fits worse: in one demo run
+   ``Δ log u / Σ rate`` rose from 1.2 to 10 while ``c`` stayed within 170–270; ``c`` still varies 2–4× within a
+   run, which the re-estimate at every check and the back-offs absorb.) The best state
    within the budget (highest ``s``) is kept; a check over the budget restores it and halves the cap
    (**back-off**, at most ``calibrate_max_backoffs`` times); the run stops early when ``s`` reaches the target.
 3. The model ends in the best state within the budget (at worst the start state: an adapter of zeros).
