@@ -273,6 +273,41 @@ def test_curvature_is_log_u_over_the_squared_distance_on_the_kept_path(tiny_tok)
     assert first["disp"] == pytest.approx(first["lr"] * cal["probe_steps_per_rung"])
 
 
+def scripted(tok, utilities: list[float]) -> tuple[Calibrator, torch.optim.Optimizer]:
+    """A calibrator over the tiny model whose utility checks return ``utilities`` in turn (signal fixed)."""
+    model, forget, _, held = world(tok)
+    ctl = Calibrator(model, forget, held, 1.0, 1.10, 1.0, 1e-4, 1e-2, 4, 4, 3, 2, 24, tok.pad_token_id, CPU,
+                     start_signal=-2.0)  # fmt: skip
+    it = iter(utilities)
+    ctl._utility = lambda: next(it)
+    ctl._signal = lambda: -1.5
+    return ctl, torch.optim.SGD(ctl.params, lr=0.0)
+
+
+@pytest.mark.parametrize("crossing, mild", [(17.6, False), (1.15, True)])
+def test_probe_end_paces_from_a_mild_crossing_but_not_from_a_blow_up(tiny_tok, crossing, mild):
+    ctl, opt = scripted(tiny_tok, [1.02, crossing])
+    for done in range(1, 5):  # two probe rungs of 2 steps: 1e-4, then 3.16e-4, which crosses the budget
+        ctl.after_step(done, opt)
+    assert ctl.phase == "main" and ctl.main_start == 4
+    d0, d1 = 2 * 1e-4, 2 * 1e-4 + 2 * 1e-4 * math.sqrt(10)  # D at each rung's check (Σ rate)
+    c0, c1 = math.log(1.02) / d0**2, math.log(crossing) / d1**2
+    assert ctl.rung_curv == pytest.approx([c0, c1])
+    c = c1 if mild else c0
+    assert ctl.curv == pytest.approx(c)
+    assert ctl.disp == pytest.approx(d0)  # back at the first rung's state
+    d_star = math.sqrt(d0**2 + (AIM * math.log(1.10) - math.log(1.02)) / c)
+    assert ctl.main_lr == pytest.approx(2 * (d_star - d0) / 20)  # 20 steps left, below the cap 1e-4
+    assert ctl.main_lr < ctl.cap == 1e-4
+
+
+def test_a_restore_puts_the_distance_back_to_the_kept_state(tiny_tok):
+    ctl, opt = scripted(tiny_tok, [])
+    ctl.best["disp"], ctl.disp = 0.005, 0.02
+    ctl._restore(opt, 10)
+    assert ctl.disp == 0.005
+
+
 def test_start_ce_from_the_caller_gives_the_measured_reference(tiny_tok, monkeypatch):
     """``start_ce`` (the collateral snapshot's per-row CE) spares the start pass and gives the same ``h₀``: the
     token-weighted held-out CE, ``log`` of :func:`rapidun.eval.metrics.perplexity` (the slow obvious version)."""

@@ -18,16 +18,21 @@ Phases (deterministic for a seed: the draws are those of the fixed schedule, in 
    rung), ``ceil(calibrate_probe_draws / batch)`` steps a rung, measuring the utility ratio after each rung. The
    steps are real training steps (nothing is thrown away unless the budget is crossed). The first rung whose
    state crosses the budget (or whose loss is not finite) ends the probe: the model goes back to the last state
-   within the budget, whose forget signal is measured then, and the previous rung's rate becomes the run's rate.
+   within the budget, whose forget signal is measured then, and the previous rung's rate becomes the cap on the
+   main run's rate.
 2. **Main run, paced.** Cosine segments over the remaining steps, measured every ``ceil(calibrate_every / batch)``
    steps. The utility cost is modelled as quadratic in the distance travelled from the start model (a minimum of
-   its clean loss): ``log u ≈ c·D²`` with ``D = Σ rate`` over the steps on the kept path (Adam's step is about
+   its clean loss): ``log u ≈ c·D²`` with ``D = Σ rate`` over the steps taken since the start, less those a
+   restore threw away (Adam's step is about
    the rate in size). Each check measures the curvature ``c = log u / D²`` and starts a new segment whose peak
    travels the distance left to the aim ``log u = AIM·log budget``: from the state's measured ``log u``,
    ``ΔD = √(D² + (AIM·log budget − log u)/c) − D`` and ``r = 2·ΔD/R`` (a cosine over ``R`` steps sums to
-   ``r·R/2``), at most the probe's last good rate. (A cost linear in the rate fits worse: in one demo run
-   ``Δ log u / Σ rate`` rose from 1.2 to 10 while ``c`` stayed within 170–270; ``c`` still varies 2–4× within a
-   run, which the re-estimate at every check and the back-offs absorb.) The best state
+   ``r·R/2``), at most the probe's last good rate (past the aim, ``calibrate_lr_min·1e-3``: the run holds). The
+   first curvature is the probe's crossing rung's when that crossing is mild (``u ≤ budget²``), else the last good
+   rung's (a blow-up is not quadratic); a main-run check at ``u ≤ 1`` (no curvature) keeps the last one.
+   (A cost linear in the rate fits worse: in one demo run ``Δ log u / Σ rate`` rose from 1.2 to 10 while ``c``
+   stayed within 170–270; ``c`` still varies 2–4× within a run, which the re-estimate at every check and the
+   back-offs absorb.) The best state
    within the budget (highest ``s``) is kept; a check over the budget restores it and halves the cap
    (**back-off**, at most ``calibrate_max_backoffs`` times); the run stops early when ``s`` reaches the target.
 3. The model ends in the best state within the budget (at worst the start state: an adapter of zeros).
@@ -143,7 +148,7 @@ class Calibrator:
         self.cap: float = self.ladder[-1]  # the fastest rate the main run may use
         self.rung_curv: list[float | None] = []  # the curvature c = log u / D², measured on each probe rung
         self.disp = 0.0  # D: Σ rate over the steps on the path from the start state to the model now
-        self.curv: float | None = None  # the latest measured curvature (what the pacing uses)
+        self.curv: float | None = None  # the curvature the pacing uses (the latest accepted measurement)
         self.main_start = 0
         self.next_check = self.probe_steps
         self.check_s = 0.0
@@ -200,8 +205,7 @@ class Calibrator:
                 # best measured. A blow-up (on the demo: u 17.6 at 3e-3, c 8× the last good rung's) is not
                 # quadratic: pace from the last good rung's curvature, and let a back-off correct it.
                 last_good = self.rung_curv[-2] if self.rung > 0 else None
-                mild = c is not None and ratio <= self.budget**2
-                return self._end_probe(done, c if mild or last_good is None else last_good)
+                return self._end_probe(done, c if self._mild(ratio, c) else last_good)
             if self.rung + 1 < len(self.ladder) and done < self.total:
                 self.rung += 1
                 self.next_check = done + self.probe_steps
@@ -212,6 +216,8 @@ class Calibrator:
         within = math.isfinite(ratio) and ratio <= self.budget
         s = self._signal() if within else None  # an over-budget state is never kept: its signal decides nothing
         c = self._curvature(ratio)
+        if c is not None:  # main-run checks are near the budget: their curvature is used as measured
+            self.curv = c
         self.curve.append({"step": done, "lr": lr, "phase": "main", "utility_ratio": ratio, "signal": s,
                            "curvature": c, "disp": self.disp})  # fmt: skip
         if s is not None and s > self.best["signal"]:
@@ -228,17 +234,21 @@ class Calibrator:
             self.cap = min(self.cap, float(self.main_lr) / 2)  # never again as fast as the rate that crossed
             self._restore(opt, done)
             ratio = self.best["utility_ratio"]
-        self._pace(done, c if c is not None else self.curv, ratio)
+        self._pace(done, self.curv, ratio)  # a check with u ≤ 1 (no curvature) re-paces from the last usable one
         self.curve[-1]["next_lr"] = self.main_lr
         return False
 
     def _curvature(self, ratio: float) -> float | None:
         """The curvature ``c = log u / D²`` of the state now (``D`` = :attr:`disp`); None where it says nothing (no
-        distance travelled, ``u ≤ 1``, or ``u`` not finite). The latest measured value is kept in :attr:`curv`."""
+        distance travelled, ``u ≤ 1``, or ``u`` not finite)."""
         if not (math.isfinite(ratio) and ratio > 1.0 and self.disp > 0):
             return None
-        self.curv = math.log(ratio) / self.disp**2
-        return self.curv
+        return math.log(ratio) / self.disp**2
+
+    def _mild(self, ratio: float, c: float | None) -> bool:
+        """Whether a measured curvature is usable: measured (not None) at ``u ≤ budget²``. Past that the utility has
+        blown up (on the demo: u 17.6 at 3e-3, c 8× the rung before) and the quadratic model does not hold."""
+        return c is not None and ratio <= self.budget**2
 
     def _pace(self, done: int, c: float | None, ratio: float) -> None:
         """Start a cosine segment at ``done`` that travels the distance left to the aim ``log u = AIM·log budget``.
@@ -247,8 +257,9 @@ class Calibrator:
         aim is reached after ``ΔD = √(D² + (AIM·log budget − log u)/c) − D`` more; a cosine from peak ``r`` over
         the ``R`` remaining steps travels ``r·R/2``, so ``r = 2·ΔD/R`` — at most :attr:`cap` (the fastest rate
         the probe found within the budget, halved at each back-off) and at most :data:`GROWTH` × the last
-        segment's peak. Without a curvature (``c`` None or ≤ 0: the utility did not fall) the rate grows by
-        :data:`GROWTH`. ``ratio``: the utility ratio ``u`` of the state the run goes on from.
+        segment's peak; past the aim, the slowest rate ``calibrate_lr_min·1e-3`` (the run holds its state). Without a
+        curvature (``c`` None or ≤ 0: none usable measured yet) the rate grows by :data:`GROWTH`. ``ratio``: the
+        utility ratio ``u`` of the state the run goes on from.
         """
         steps = max(1, self.total - done)
         log_u = math.log(ratio) if math.isfinite(ratio) and ratio > 0 else math.inf
@@ -264,6 +275,8 @@ class Calibrator:
     def _end_probe(self, done: int, c: float | None) -> bool:
         """The probe is over: the model is in its best state; measure that state's forget signal and pace the main
         run from the probe's curvature ``c`` (True: the target is already reached, or no steps are left)."""
+        if c is not None:
+            self.curv = c
         if self.best["signal"] is None:
             self.best["signal"] = self._signal()
             self.curve.append({"step": self.best["step"], "lr": 0.0, "phase": "probe_end",
