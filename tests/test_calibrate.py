@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import make_model, make_unlearn_items
-from rapidun.calibrate import AIM, Calibrator, forget_signal, make_calibrator, rate_ladder
+from rapidun.calibrate import AIM, Calibrator, forget_signal, make_calibrator, rate_ladder, signal_sample
 from rapidun.config import UnlearnConfig
 from rapidun.data.template import encode, format_prompt
 from rapidun.eval.metrics import perplexity
@@ -222,6 +222,40 @@ def test_start_signal_from_the_audit_equals_the_measured_one(tiny_tok):
         for k, it in enumerate(forget)
     ) / len(forget)
     assert measured == pytest.approx(slow, rel=1e-5)
+
+
+def test_signal_sample_is_a_fixed_subset_for_the_seed():
+    assert signal_sample(40, 16, 7) == signal_sample(40, 16, 7)
+    picked = signal_sample(40, 16, 7)
+    assert len(set(picked)) == 16 and picked == sorted(picked) and all(0 <= i < 40 for i in picked)
+    assert signal_sample(40, 16, 8) != picked  # another seed, other records
+    assert signal_sample(15, 16, 7) == list(range(15)) == signal_sample(15, 0, 7)  # all when k covers them or is 0
+
+
+def test_signal_on_a_sample_is_the_slow_mean_over_those_records(tiny_tok):
+    model, forget, _, held = world(tiny_tok)
+    assert len(forget) >= 3
+    pad = tiny_tok.pad_token_id
+    h0 = float(eval_ce(model, held, pad, CPU).mean())
+    idx = [0, len(forget) - 1]
+    ctl = Calibrator(model, forget, held, h0, 1.1, 1.0, 1e-3, 1e-2, 4, 4, 3, 2, 24, pad, CPU, signal_idx=idx)
+    slow = sum(
+        float(eval_ce(model, [forget[k].poisoned], pad, CPU)[0])
+        - (float(eval_ce(model, [forget[k].clean], pad, CPU)[0]) if forget[k].clean is not None else h0)
+        for k in idx
+    ) / len(idx)
+    assert ctl.start_signal == pytest.approx(slow, rel=1e-5)
+    assert ctl.record()["signal_records"] == idx and ctl.record()["forget_records"] == len(forget)
+    # make_calibrator draws the sample for u.seed and takes the start signal from the caller's audit, same records
+    resp = eval_ce(model, [it.poisoned for it in forget], pad, CPU)
+    repl = torch.tensor([math.nan if it.clean is None else float(eval_ce(model, [it.clean], pad, CPU)[0])
+                         for it in forget])  # fmt: skip
+    k = len(forget) - 1
+    made = make_calibrator(model, forget, held, h0, cfg(calibrate_signal_records=k), pad, CPU, (resp, repl))
+    picked = signal_sample(len(forget), k, 1)
+    assert made.record()["signal_records"] == picked
+    assert made.start_signal == pytest.approx(forget_signal(resp[picked], repl[picked], h0), rel=1e-6)
+    assert made.start_signal == pytest.approx(made._signal(), rel=1e-4)  # the audit's value is the measured one
 
 
 def test_pace_travels_the_distance_left_to_the_aim(tiny_tok):

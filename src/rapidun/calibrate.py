@@ -44,6 +44,7 @@ Every choice (rate, steps, back-offs, the measured curve, the time spent measuri
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
@@ -53,7 +54,7 @@ from rapidun.data.template import Encoded
 from rapidun.errors import RapidunError
 from rapidun.steps import UItem, answer_tokens, eval_ce, ratio_of, token_weighted
 
-__all__ = ["AIM", "GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder"]
+__all__ = ["AIM", "GROWTH", "Calibrator", "forget_signal", "make_calibrator", "rate_ladder", "signal_sample"]
 
 GROWTH = 2.0  # a paced segment's peak is at most this × the previous segment's
 AIM = 0.9  # the pacing aims at log u = AIM·log budget (u ≈ 1.09 for 1.10): a margin for the model's misfit
@@ -87,6 +88,21 @@ def forget_signal(ce_response: torch.Tensor, ce_replacement: torch.Tensor, h0: f
     return float((ce_response - ref).mean())
 
 
+def signal_sample(n: int, k: int, seed: int) -> list[int]:
+    """The forget records whose signal the schedule measures: all ``n`` when ``k <= 0`` or ``k >= n``, else ``k`` of
+    them drawn once without replacement for the run's seed (sorted; the same records at every check, so the checks
+    of one run compare like with like).
+
+    >>> signal_sample(5, 0, 42), signal_sample(5, 9, 42)
+    ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    >>> len(signal_sample(40, 16, 42)), signal_sample(40, 16, 42) == signal_sample(40, 16, 42)
+    (16, True)
+    """
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
 class Calibrator:
     """The controller :func:`rapidun.train.unlearn_loop` consults at every step (see the module docstring).
 
@@ -107,6 +123,8 @@ class Calibrator:
         start_ce: (R,) each held-out row's mean answer CE under the start model when the caller has measured it
             (the collateral snapshot's pass); None: measured here. ``h₀`` of the utility ratio is its token-weighted
             mean.
+        signal_idx: the indices of the forget records whose signal is measured (:func:`signal_sample`); None: all.
+            ``start_signal``, when given, must be over the same records.
     """
 
     def __init__(
@@ -128,11 +146,15 @@ class Calibrator:
         device: torch.device,
         start_signal: float | None = None,
         start_ce: torch.Tensor | None = None,
+        signal_idx: list[int] | None = None,
     ) -> None:
         if not held:
             raise ValueError("the calibrated schedule needs held-out clean records")
         self.model, self.held, self.h0, self.budget, self.target = model, held, h0, budget, target
         self.held_n = answer_tokens(held)
+        self.signal_idx = list(range(len(forget))) if signal_idx is None else list(signal_idx)
+        self.forget_total = len(forget)
+        forget = [forget[i] for i in self.signal_idx]
         # The forget signal's rows: every response, then the replacements there are (one pass over both).
         self.sig_rows = [it.poisoned for it in forget] + [it.clean for it in forget if it.clean is not None]
         self.repl_idx = [k for k, it in enumerate(forget) if it.clean is not None]
@@ -332,6 +354,8 @@ class Calibrator:
             "best_utility_ratio": self.best["utility_ratio"],
             "best_signal": self.best["signal"],
             "start_signal": self.start_signal,
+            "signal_records": self.signal_idx,  # the forget records the signal is measured on (indices)
+            "forget_records": self.forget_total,
             "reached_target": self.reached,
             "stop_reason": self.stop_reason,
             "restored_steps": self.restored_steps,
@@ -395,12 +419,19 @@ def make_calibrator(
     u: Any,
     pad: int,
     device: torch.device,
-    start_signal: float | None = None,
+    start_audit: tuple[torch.Tensor, torch.Tensor] | None = None,
     start_ce: torch.Tensor | None = None,
 ) -> Calibrator:
     """The calibrated schedule's controller for one run (:mod:`rapidun.calibrate`), from the ``unlearn`` settings.
 
-    The step budget is the fixed schedule's (``epochs × draws_per_epoch / batch_size`` steps).
+    The step budget is the fixed schedule's (``epochs × draws_per_epoch / batch_size`` steps). The forget signal is
+    measured on at most ``u.calibrate_signal_records`` forget records (:func:`signal_sample` for ``u.seed``).
+
+    Args:
+        start_audit: ``(ce_response, ce_replacement)``, (N_f,) each (NaN: no replacement), the start model's
+            per-record forget CE when the caller has measured it (the audit before the run): the start signal is
+            taken from it over the sampled records. None: measured here.
+        start_ce: see :class:`Calibrator`.
     """
     if u.calibrate_lr_min > u.calibrate_lr_max:
         raise RapidunError(
@@ -408,8 +439,10 @@ def make_calibrator(
             f"({u.calibrate_lr_max:g})"
         )
     total = math.ceil(u.epochs * u.draws_per_epoch / u.batch_size)
+    idx = signal_sample(len(forget), u.calibrate_signal_records, u.seed)
+    s0 = None if start_audit is None else forget_signal(start_audit[0][idx], start_audit[1][idx], h0)
     return Calibrator(
         model, forget, held, h0, u.utility_budget, u.calibrate_target, u.calibrate_lr_min, u.calibrate_lr_max,
         u.calibrate_probe_draws, u.calibrate_every, u.calibrate_max_backoffs, u.batch_size, total, pad, device,
-        start_signal, start_ce,
+        s0, start_ce, idx,
     )  # fmt: skip

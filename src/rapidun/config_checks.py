@@ -148,6 +148,7 @@ CHECKS: dict[str, Check] = {
     "unlearn.calibrate_every": COUNT,
     "unlearn.calibrate_target": POSITIVE,
     "unlearn.calibrate_max_backoffs": NON_NEGATIVE,
+    "unlearn.calibrate_signal_records": NON_NEGATIVE,
     "unlearn.weight_decay": NON_NEGATIVE,
     "unlearn.warmup_ratio": FRACTION,
     "unlearn.epochs": COUNT,

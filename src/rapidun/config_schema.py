@@ -227,6 +227,11 @@ class UnlearnConfig:
         "model's held-out CE where a record has no replacement) reaches this",
     )
     calibrate_max_backoffs: int = _f(3, "calibrated: budget crossings (each halves the rate) before the run stops")
+    calibrate_signal_records: int = _f(
+        16,
+        "calibrated: the forget signal is measured on at most this many forget records, drawn once for the seed "
+        "(0: all); a check costs about as much as scoring 40 held-out + 2x this many records",
+    )
     lr: float = _f(6e-5, "AdamW learning rate (peak; cosine decay to 0) of the fixed schedule")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.0, "linear warm-up fraction of steps before the cosine decay")

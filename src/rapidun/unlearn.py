@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rapidun.calibrate import forget_signal, make_calibrator
+from rapidun.calibrate import make_calibrator
 from rapidun.config import RunConfig, to_dict
 from rapidun.constants import HELDOUT_CHECK
 from rapidun.data.records import Record
@@ -272,11 +272,11 @@ def unlearn(
             refresh, every = dynamic_refresh(forget, retain, pad, cfg), u.dynamic_every
         ctl = None
         if u.schedule == "calibrated" and held_before is not None:
-            nf = len(forget)  # the start state's forget signal, from the audit already measured
-            s0 = forget_signal(torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
-                               torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
-                                            dtype=torch.float32), held_before)  # fmt: skip
-            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, s0, start_snap["ce"])
+            nf = len(forget)  # the start state's per-record forget CE, from the audit already measured
+            audit = (torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
+                     torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
+                                  dtype=torch.float32))  # fmt: skip
+            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, audit, start_snap["ce"])
         elif u.schedule == "calibrated":
             result["calibration"] = {"schedule": "fixed", "reason": "no held-out clean records to calibrate on"}
             result["schedule_note"] = (
