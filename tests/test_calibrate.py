@@ -90,6 +90,11 @@ def test_fixed_rate_overshoots_where_calibrated_stays_within_budget(tiny_tok):
     assert cal["curve"][0]["step"] == 0 and all(c["utility_ratio"] > 0 for c in cal["curve"])
     probe = [c for c in cal["curve"] if c["phase"] == "probe"]
     assert probe and all(c["signal"] is None for c in probe)  # probe checks measure utility only
+    # every main-run segment's peak is in the curve; the record's peak_lr is the highest of them, and the rate the
+    # loop used never exceeded it after the probe
+    peaks = [c["next_lr"] for c in cal["curve"] if "next_lr" in c]
+    assert peaks and cal["peak_lr"] == max(peaks) and cal["chosen_lr"] == peaks[-1]
+    assert all(c["lr"] <= cal["peak_lr"] + 1e-15 for c in cal["curve"] if c["phase"] == "main")
 
 
 def test_calibrated_is_deterministic_for_a_seed(tiny_tok):

@@ -166,7 +166,8 @@ class Calibrator:
         self.max_backoffs = max_backoffs
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.phase, self.rung, self.backoffs = "probe", 0, 0
-        self.main_lr: float | None = None
+        self.main_lr: float | None = None  # the current main-run segment's peak rate
+        self.peak_lr = 0.0  # the highest segment peak of the main run
         self.cap: float = self.ladder[-1]  # the fastest rate the main run may use
         self.rung_curv: list[float | None] = []  # the curvature c = log u / D², measured on each probe rung
         self.disp = 0.0  # D: Σ rate over the steps on the path from the start state to the model now
@@ -304,6 +305,7 @@ class Calibrator:
             self.curve.append({"step": self.best["step"], "lr": 0.0, "phase": "probe_end",
                                "utility_ratio": self.best["utility_ratio"], "signal": self.best["signal"]})  # fmt: skip
         self._pace(done, c, self.best["utility_ratio"])
+        self.curve[-1]["next_lr"] = self.main_lr  # the first segment's peak
         if self.best["signal"] >= self.target:
             self.reached, self.stop_reason = True, "target"
             return True
@@ -346,7 +348,8 @@ class Calibrator:
             "curvature": self.curv,  # the latest measured c of log u = c·D²
             "probe_steps_per_rung": self.probe_steps,
             "check_every_steps": self.every,
-            "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],
+            "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],  # the last segment's
+            "peak_lr": self.peak_lr,  # the main run's highest segment peak (0: it never started)
             "rate_cap": self.cap,
             "ended_in": self.phase,  # "probe": the run ended (target or steps) before the probe finished
             "backoffs": self.backoffs,
@@ -366,6 +369,7 @@ class Calibrator:
     # -- internals ------------------------------------------------------------------------------------------
     def _start_main(self, done: int, lr: float) -> None:
         self.phase, self.main_lr, self.main_start = "main", lr, done
+        self.peak_lr = max(self.peak_lr, lr)
         self.next_check = done + self.every
 
     def _held_ce(self) -> float:

@@ -159,11 +159,14 @@ def unlearn_lines(method: str, res: dict[str, Any], packs: dict[str, Any] | None
     cal = res.get("calibration")
     if cal and cal.get("schedule") == "calibrated":
         steps = res.get("train", {}).get("steps")
-        lr = f"{cal['chosen_lr']:.2g}" + (" (still probing)" if cal.get("ended_in") == "probe" else "")
+        if cal.get("ended_in") == "probe":
+            lr = f"rate {cal['chosen_lr']:.2g} (still probing)"
+        else:
+            lr = f"rate up to {cal.get('peak_lr', cal['chosen_lr']):.2g}"
         nsig, nf = len(cal.get("signal_records") or []), cal.get("forget_records", 0)
         sig = f"forget signal on {nsig} of {nf} records" if 0 < nsig < nf else "forget signal"
         lines.append(
-            f"schedule: calibrated within {cal['budget']:.2f}x held-out perplexity: rate {lr} from the probe "
+            f"schedule: calibrated within {cal['budget']:.2f}x held-out perplexity: {lr} after the probe "
             f"{cal['ladder'][0]:.0e}..{cal['ladder'][-1]:.0e}, {steps} steps, {cal['backoffs']} back-off(s), kept "
             f"step {cal['best_step']} (x{cal['best_utility_ratio']:.3f}, {sig} {cal['start_signal']:.2f} -> "
             f"{cal['best_signal']:.2f}, target {cal['target']:g}: "

@@ -37,9 +37,10 @@ def forget_change_warning(
         "distill": "check unlearn.distill_base (the model this one was fine-tuned from?) and unlearn.distill_alpha",
     }.get(kind, "raise unlearn.fisher_alphas")
     if kind == "loop" and calibrated is not None and calibrated.get("schedule") == "calibrated":
+        peak = calibrated.get("peak_lr", calibrated["chosen_lr"])
         fix = (
             f"the calibrated schedule kept the held-out perplexity within {calibrated['budget']:.2f}x (kept "
-            f"x{calibrated['best_utility_ratio']:.3f} at rate {calibrated['chosen_lr']:.2g}): the forget records "
+            f"x{calibrated['best_utility_ratio']:.3f}, rates up to {peak:.2g}): the forget records "
             "cannot be unlearned further without more damage on these held-out records; raise "
             "unlearn.utility_budget if that damage is acceptable, or check that the held-out records are unrelated "
             "to the forget records"
