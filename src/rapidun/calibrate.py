@@ -349,7 +349,7 @@ class Calibrator:
             "probe_steps_per_rung": self.probe_steps,
             "check_every_steps": self.every,
             "chosen_lr": self.main_lr if self.main_lr is not None else self.ladder[self.rung],  # the last segment's
-            "peak_lr": self.peak_lr,  # the main run's highest segment peak (0: it never started)
+            "peak_lr": self.peak_lr,  # the highest peak of the main run's segments that took a step (0: none)
             "rate_cap": self.cap,
             "ended_in": self.phase,  # "probe": the run ended (target or steps) before the probe finished
             "backoffs": self.backoffs,
@@ -369,7 +369,8 @@ class Calibrator:
     # -- internals ------------------------------------------------------------------------------------------
     def _start_main(self, done: int, lr: float) -> None:
         self.phase, self.main_lr, self.main_start = "main", lr, done
-        self.peak_lr = max(self.peak_lr, lr)
+        if done < self.total:  # a segment paced at the last check has no steps: it is never used
+            self.peak_lr = max(self.peak_lr, lr)
         self.next_check = done + self.every
 
     def _held_ce(self) -> float:
