@@ -240,3 +240,13 @@ def test_nothing_planted_no_collateral_warning(world):
     c = res["collateral"]
     assert c["replacement_rise"] <= MAX_REPLACEMENT_RISE and c["agreement"] >= MIN_AGREEMENT and c["kl"] > 0, c
     assert not [w for w in res["warnings"] if w.startswith("collateral damage")]
+
+
+def test_collateral_advice_names_the_budget_on_a_calibrated_run_and_the_rate_on_a_fixed_one():
+    from rapidun.unlearn_warnings import collateral_fix
+
+    fixed = collateral_fix(5e-4, "loop")
+    assert "lower unlearn.lr (now 0.0005)" in fixed and "utility_budget" not in fixed
+    cal = collateral_fix(5e-4, "loop", calibrated=True)  # the rate is the schedule's own: unlearn.lr is not used
+    assert "unlearn.utility_budget" in cal and "unlearn.lr" not in cal and "unlearn.descent_beta" in cal
+    assert collateral_fix(5e-4, "distill", calibrated=True) == collateral_fix(5e-4, "distill")

@@ -373,7 +373,7 @@ def unlearn(
             result["audit_means"], u.lr, result.get("complete", True), method.kind, result.get("calibration")
         ),
         heldout_warning(result.get("heldout"), u.lr, method.kind, u.utility_budget, calibrated),
-        collateral_warning(result.get("collateral"), collateral_fix(u.lr, method.kind)),
+        collateral_warning(result.get("collateral"), collateral_fix(u.lr, method.kind, calibrated)),
     ]
     result["warnings"] = [w for w in warns if w] + ([result["schedule_note"]] if "schedule_note" in result else [])
     if out is not None and is_main():
