@@ -94,16 +94,18 @@ def heldout_warning(
 def collateral_fix(lr: float, kind: str, calibrated: bool = False) -> str:
     """What to change when :func:`rapidun.eval.collateral.collateral_warning` fires, per method kind (a calibrated
     loop run's rate is its own, so the advice is its budget, not ``unlearn.lr``)."""
-    if kind == "loop" and calibrated:
-        return (
+    if kind == "loop":
+        first = (
             "lower unlearn.utility_budget (the calibrated schedule spends all of it; perplexity on the held-out "
-            "records does not see answers that turn into the replacement) or unlearn.descent_beta (the pull toward "
-            "the replacement answer), raise unlearn.mix_retain (more retain draws), and check on your own unrelated "
-            "prompts with `rapidun eval --probes P --start-model START`"
+            "records does not see answers that turn into the replacement)"
+            if calibrated
+            else f"lower unlearn.lr (now {lr:g})"
         )
-    return {
-        "loop": f"lower unlearn.lr (now {lr:g}) or unlearn.descent_beta (the pull toward the replacement "
-        "answer), raise unlearn.mix_retain (more retain draws), and check on your own "
-        "unrelated prompts with `rapidun eval --probes P --start-model START`",
-        "distill": "lower unlearn.distill_alpha or raise unlearn.distill_steps, and check with `rapidun eval --probes`",
-    }.get(kind, "lower unlearn.fisher_alphas, and check with `rapidun eval --probes`")
+        return (
+            f"{first} or unlearn.descent_beta (the pull toward the replacement answer), raise unlearn.mix_retain "
+            "(more retain draws), and check on your own unrelated prompts with `rapidun eval --probes P "
+            "--start-model START`"
+        )
+    if kind == "distill":
+        return "lower unlearn.distill_alpha or raise unlearn.distill_steps, and check with `rapidun eval --probes`"
+    return "lower unlearn.fisher_alphas, and check with `rapidun eval --probes`"
