@@ -17,7 +17,7 @@ from rapidun.data.template import collate
 from rapidun.errors import RapidunError
 from rapidun.functional import answer_logits, per_sample_ce_from_logits, per_sample_kl, per_sample_nll
 from rapidun.methods import get_method, views_kind
-from rapidun.methods.distill import delta_factors, lora_modules, reset_adapter
+from rapidun.methods.distill import delta_factors, freeze_reset, lora_modules, reset_adapter
 from rapidun.methods.robust import adv_grads, sam_grads
 from rapidun.models import attach_lora
 from rapidun.steps import row_stats, step_losses
@@ -130,6 +130,47 @@ def test_reset_adapter_noise_is_seeded(tiny_tok):
         reset_adapter(student, factors, 1.0, 0.5, seed=seed)
         outs.append(torch.cat([m.lora_B["default"].weight.flatten() for m in lora_modules(student).values()]))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def lora_pairs(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            for n, m in lora_modules(model).items()}  # fmt: skip
+
+
+def test_frozen_reset_starts_at_base_keeps_the_reset_and_trains_fresh_slots(tiny_tok):
+    base, start = fine_tuned(tiny_tok, rank=2)
+    student = attach_lora(copy.deepcopy(start), 4, 8, 0.0, TARGETS, seed=0)  # rank 2r, alpha 2·4: scaling 2
+    factors, _ = delta_factors(student, base, rank=2)
+    reset_adapter(student, factors, 1.0, 0.0, seed=0)
+    merged = linear_weights(copy.deepcopy(student).merge_and_unload())
+    for name, w in linear_weights(base).items():  # the fresh slots have B = 0: the student is the base model
+        assert torch.allclose(merged[name], w, atol=1e-5), name
+    before = lora_pairs(student)
+    hooks = freeze_reset(student, 2)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, len(tiny_tok), (3, 6), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        student(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    after = lora_pairs(student)
+    for n, (a0, b0) in before.items():
+        a1, b1 = after[n]
+        assert torch.equal(a1[:2], a0[:2]) and torch.equal(b1[:, :2], b0[:, :2]), n  # the reset never moved
+    assert any(not torch.equal(after[n][1][:, 2:], b0[:, 2:]) for n, (_, b0) in before.items())  # fresh B learnt
+    for h in hooks:
+        h.remove()
+    opt.zero_grad()
+    student(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # without the hooks the reset trains like any slot
+    assert any(not torch.equal(m.lora_B["default"].weight[:, :2], after[n][1][:, :2])
+               for n, m in lora_modules(student).items())  # fmt: skip
+
+
+def test_freeze_reset_needs_fresh_slots(tiny_tok):
+    student = attach_lora(make_model(len(tiny_tok), init_range=0.2), 2, 4, 0.0, TARGETS, seed=0)
+    with pytest.raises(RapidunError, match="rank 2"):
+        freeze_reset(student, 2)
 
 
 def test_delta_factors_refuses_another_architecture(tiny_tok):
@@ -295,13 +336,14 @@ def distill_parts() -> dict[str, list[Record]]:
     return {"forget": forget, "retain": retain, "val_clean": retain[:2]}
 
 
-@pytest.mark.parametrize("teacher", ["uniform", "start"])
-def test_distill_through_unlearn(world, tmp_path, monkeypatch, teacher):
+@pytest.mark.parametrize(("teacher", "freeze"), [("uniform", False), ("start", False), ("start", True)])
+def test_distill_through_unlearn(world, tmp_path, monkeypatch, teacher, freeze):
     from rapidun.unlearn import unlearn
 
     monkeypatch.setenv("RAPIDUN_CACHE", str(tmp_path / "cache"))
     ov = [*TINY_RUN, f"model.name={world / 'base'}", f"unlearn.distill_teacher={teacher}", "unlearn.distill_steps=3",
-          "unlearn.distill_batch_size=2", "unlearn.lora_targets=[q_proj,v_proj]"]  # fmt: skip
+          "unlearn.distill_batch_size=2", "unlearn.lora_targets=[q_proj,v_proj]",
+          f"unlearn.distill_freeze_reset={str(freeze).lower()}"]  # fmt: skip
     cfg = load_config(None, ov)
     merged, _, res = unlearn("distill", distill_parts(), str(world / "start"), cfg, tmp_path / "out")
     d = res["distill"]
@@ -310,7 +352,8 @@ def test_distill_through_unlearn(world, tmp_path, monkeypatch, teacher):
     t = res["timings"]
     assert t["time_s"] == pytest.approx(t["mapping_s"] + t["training_s"] + t["teacher_s"], rel=1e-9)
     assert (t["teacher_s"] > 0) == (teacher != "start")
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    adapter_cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == (2 if freeze else 1) * cfg.unlearn.lora_r and d["freeze_reset"] is freeze
     assert json.loads((tmp_path / "out" / "result.json").read_text())["method"] == "distill"
     assert res["complete"] is True
     # The student moved off the start model, toward the base: its q/v weights are nearer the base's.

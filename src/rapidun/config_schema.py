@@ -288,6 +288,11 @@ class UnlearnConfig:
     distill_noise: float = _f(
         0.0, "distill: Gaussian noise added to the reset adapter's B factor, std = this × std of B (0 = none)"
     )
+    distill_freeze_reset: bool = _f(
+        False,
+        "distill: hold the reset (−α·ΔW_r) fixed in r slots of a rank-2r adapter and distil into r fresh slots "
+        "(false: the distillation trains the reset itself, which can walk it back along the fine-tune's directions)",
+    )
     distill_steps: int = _f(40, "distill: optimiser steps of forward-KL distillation on the retain records")
     distill_lr: float = _f(1e-3, "distill: AdamW learning rate of the distillation (cosine decay)")
     distill_batch_size: int = _f(8, "distill: records per distillation step")

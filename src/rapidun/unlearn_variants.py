@@ -74,7 +74,8 @@ def distill_run(
     t0 = time.perf_counter()
     base, _, _ = load_model(base_path, cfg.model.device, cfg.model.dtype)
     base_load_s = time.perf_counter() - t0  # like the start model's load, not part of the method's time
-    student = attach_lora(start, u.lora_r, u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
+    k = 2 if u.distill_freeze_reset else 1  # a frozen reset in r slots + r fresh ones; alpha × k keeps the scaling
+    student = attach_lora(start, k * u.lora_r, k * u.lora_alpha, u.lora_dropout, u.lora_targets, u.seed)
     stats = distill(student, teacher, base, [it.clean for it in retain], u, pad, device, fit=train)
     del base, teacher
     stats |= {

@@ -14,7 +14,11 @@ fine-tuning find the way back. UNDO moves the weights away, then restores the wa
    unlearned model's) next-token distributions on the clean retain records: per-sample forward KL
    ``(1/|A_i|) Σ_t KL(p_teacher,t ‖ p_student,t)`` over answer positions (:func:`rapidun.functional.per_sample_kl`),
    in the SFT loop :func:`rapidun.train.train`. The behaviour to remove never appears in that data, so it is not
-   re-taught.
+   re-taught. With ``distill_freeze_reset`` the adapter has rank 2r: the reset sits in slots ``:r`` and is held
+   fixed (:func:`freeze_reset`), the distillation trains the fresh slots ``r:`` (B = 0 at init, so the student
+   still starts at the base). Otherwise the reset's own factors are trained, and the cheapest way to lower the KL
+   on retain data is often to shrink them back toward the fine-tune — which restores the forget set's knowledge
+   along with the retain set's.
 
 The result is still an adapter on the start model (the student's), so every later stage (merge, verify) is the
 same as for any other method. Cost: the teacher's unlearning, the SVDs and the S distillation steps (each one
@@ -132,19 +136,46 @@ def reset_adapter(model: Any, factors: dict[str, Any], alpha: float, noise: floa
     for name, mod in lora_modules(model).items():
         if name not in factors:
             continue
-        left, right = factors[name]
-        a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight  # (r, in), (out, r)
+        left, right = factors[name]  # (out, r), (r, in)
+        r = right.shape[0]
+        a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight  # (R, in), (out, R), R ≥ r
         scale = float(mod.scaling["default"])
         live = right.abs().sum(1) > 0  # (r,) rows carrying a singular direction
-        new_a = torch.where(live[:, None], right.to(a.device), a.float())  # (r, in)
+        new_a = torch.where(live[:, None], right.to(a.device), a[:r].float())  # (r, in)
         new_b = -alpha * left.to(b.device) / scale  # (out, r)
         if noise > 0:
             std = float(new_b.std()) if new_b.numel() > 1 else 0.0
             new_b = new_b + noise * std * torch.randn(new_b.shape, generator=gen).to(new_b.device)
-        a.copy_(new_a.to(a.dtype))
-        b.copy_(new_b.to(b.dtype))
+        a[:r].copy_(new_a.to(a.dtype))
+        b[:, :r].copy_(new_b.to(b.dtype))
         done += 1
     return done
+
+
+def freeze_reset(model: Any, r: int) -> list[Any]:
+    """Hold the first ``r`` slots of every LoRA pair (the reset written by :func:`reset_adapter`) fixed.
+
+    Gradient hooks zero ``∂L/∂A[:r]`` and ``∂L/∂B[:, :r]``, so an optimiser without weight decay never moves them
+    (Adam's update is 0 where every gradient was 0); the slots ``r:`` train as usual. Why: a reset that is itself
+    trained can be walked back along the fine-tune's own directions (shrinking ``B[:, :r]`` toward 0 restores
+    ``ΔW_r``, the forget set's knowledge with it), which distillation on retain data rewards; fresh slots with a
+    random ``A`` have no such path and must learn what the retain data teaches.
+
+    Returns:
+        The hooks' handles (call ``.remove()`` on each when the distillation ends).
+    """
+    handles = []
+    for mod in lora_modules(model).values():
+        a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight  # (R, in), (out, R)
+        if a.shape[0] <= r:
+            raise RapidunError(f"distill: the adapter has rank {a.shape[0]}; freezing a rank-{r} reset needs more")
+        keep_a = torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)
+        keep_a[:r] = 0
+        keep_b = torch.ones(1, b.shape[1], device=b.device, dtype=b.dtype)
+        keep_b[:, :r] = 0
+        handles.append(a.register_hook(lambda g, k=keep_a: g * k))
+        handles.append(b.register_hook(lambda g, k=keep_b: g * k))
+    return handles
 
 
 def kl_loss(teacher: Any) -> Any:
@@ -172,7 +203,8 @@ def distill(
     """Perturb ``student`` (a PEFT model: the start model + a fresh adapter) toward ``base`` and distil ``teacher``.
 
     Args:
-        student: the start model with a fresh LoRA adapter of rank ``u.lora_r`` (``attach_lora``).
+        student: the start model with a fresh LoRA adapter of rank ``u.lora_r`` (``attach_lora``; rank
+            ``2·u.lora_r`` and alpha ``2·u.lora_alpha`` with ``u.distill_freeze_reset``).
         teacher: the unlearned model (eval mode; or the start model itself).
         base: the base model the start model was fine-tuned from (read only, for the delta).
         rows: the clean records distilled on (encoded with their clean answers).
@@ -189,6 +221,7 @@ def distill(
     t0 = time.perf_counter()
     factors, info = delta_factors(student, base, u.lora_r)
     info["initialised"] = reset_adapter(student, factors, u.distill_alpha, u.distill_noise, u.seed)
+    hooks = freeze_reset(student, u.lora_r) if u.distill_freeze_reset else []
     perturb_s = time.perf_counter() - t0
     teacher.eval()
     steps_per_epoch = math.ceil(len(rows) / u.distill_batch_size)
@@ -196,12 +229,17 @@ def distill(
         lr=u.distill_lr, epochs=math.ceil(u.distill_steps / steps_per_epoch), batch_size=u.distill_batch_size,
         warmup_ratio=0.0, grad_clip=u.grad_clip, seed=u.seed, autocast=u.autocast, weight_decay=u.weight_decay,
     )  # fmt: skip
-    stats = fit(student, rows, scfg, pad_id, device, loss_fn=kl_loss(teacher), desc="distill")
+    try:
+        stats = fit(student, rows, scfg, pad_id, device, loss_fn=kl_loss(teacher), desc="distill")
+    finally:
+        for h in hooks:
+            h.remove()
     return {
         "perturb_s": perturb_s,
         "delta": info,
         "alpha": u.distill_alpha,
         "noise": u.distill_noise,
+        "freeze_reset": u.distill_freeze_reset,
         "train": stats,
         "time_s": perturb_s + stats["time_s"],
     }
