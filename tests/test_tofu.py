@@ -113,6 +113,9 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     assert c["time_s"] == pytest.approx(timings["time_s"] + c["views_s"]) and timings["time_s"] > 0  # measured
     assert rep["methods"]["uniform"]["time_s"]["mean"] == pytest.approx(c["time_s"])
     assert "int4" in rep["methods"]["uniform"] and "relearn" in rep["methods"]["graddiff"]
+    reuse = {m: json.loads((out / "cells" / f"{m}_seed4" / "result.json").read_text())["start_reused"]
+             for m in ("uniform", "graddiff")}  # fmt: skip
+    assert reuse == {"uniform": {"losses": False, "snapshot": False}, "graddiff": {"losses": True, "snapshot": True}}
     # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model
     full = rep["models"]["full"]["train"]["path"]
     vcmd = [sys.executable, "-m", "rapidun.cli", "verify", "--config", "tofu", "--model-path", full, "--adapter",

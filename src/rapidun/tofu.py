@@ -221,6 +221,7 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
     }
     check = learnability(models["full"][None], models["retain"][None], split)
     cells: dict[str, dict[str, Any]] = {}
+    shared: dict[str, Any] = {}  # the full model's per-sample losses and held-out snapshot, taken by the first cell
     for name in methods:
         if get_method(name).kind == "retrain":
             continue
@@ -236,7 +237,7 @@ def run_tofu(cfg: RunConfig, out: str | Path, overwrite: bool = False) -> dict[s
                     cell["key"] = key
                     write_json(folder / "cell.json", finite_json(cell))
             if cell is None:
-                cell = _run_cell(name, scfg, parts, sets, full["path"], folder, ref)
+                cell = _run_cell(name, scfg, parts, sets, full["path"], folder, ref, shared)
                 cell["key"] = key
                 write_json(folder / "cell.json", finite_json(cell))
             if "views_s" not in cell:  # written by a version that read no unlearning time: take the cell's own record
@@ -291,7 +292,12 @@ def _run_cell(
     full_path: str,
     folder: Path,
     ref: dict[str, Any],
+    shared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One method × seed on the full model: unlearn, score, attack. ``shared`` (one dict for every cell of a run):
+    the full model's per-sample losses (``losses``) and held-out snapshot (``start``), filled by the first cell
+    that runs and reused by the next (:func:`rapidun.unlearn.unlearn`'s ``before`` and ``start_cache``; about
+    two minutes a cell on two CPU cores)."""
     from rapidun.unlearn import unlearn
     from rapidun.views import method_views
 
@@ -303,7 +309,11 @@ def _run_cell(
     if method.needs_influence:
         views = method_views(method.views, full_path, upart["forget"], upart["retain"], cfg, folder / "influence")
     views_s = time.perf_counter() - t0
-    model, tok, res = unlearn(name, upart, full_path, cfg, folder, views=views)
+    shared = {} if shared is None else shared
+    model, tok, res = unlearn(name, upart, full_path, cfg, folder, views=views, before=shared.get("losses"),
+                              start_cache=shared.setdefault("start", {}))  # fmt: skip
+    if not method.expand:  # cover's losses are those of its own, grown packs
+        shared["losses"] = res["audit_before"]
     time_s = float(res["timings"]["time_s"]) + views_s  # influence + weights + training (+ teacher), measured
     t = time.perf_counter()
     st = model_stats(model, tok, sets, cfg, f"eval:{name}")

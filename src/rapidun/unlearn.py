@@ -184,7 +184,8 @@ def unlearn(
     pad = tok.pad_token_id
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if before is None or len(before["ce_clean"]) != len(forget) + len(retain):
+    reused = {"losses": before is not None and len(before["ce_clean"]) == len(forget) + len(retain)}
+    if not reused["losses"]:
         before = audit_losses(model, forget, retain, pad, device)
     timings["audit_before_s"] = time.perf_counter() - t
     held_recs = parts.get("val_clean", [])[:HELDOUT_CHECK]  # never trained on: the run's utility check
@@ -197,7 +198,8 @@ def unlearn(
     t = time.perf_counter()
     ckey = [model_path, sorted(kept), cfg.eval.batch_size, cfg.model.max_length, cfg.model.max_prompt_tokens,
             cfg.model.system_prompt, cfg.model.dtype]  # fmt: skip
-    if start_cache is not None and start_cache.get("key") == ckey:
+    reused["snapshot"] = start_cache is not None and start_cache.get("key") == ckey
+    if reused["snapshot"]:
         held_before, start_snap = start_cache["held_before"], start_cache["snapshot"]
     else:
         start_snap = start_snapshot(model, tok, held_prompts, held, cfg.eval.batch_size) if held else None
@@ -339,6 +341,7 @@ def unlearn(
     )  # fmt: skip
     nf = len(forget)
     result["audit_before"] = before
+    result["start_reused"] = reused  # the start model's losses / held-out snapshot came from an earlier run
     result["audit_means"] = {
         "forget_ce_poisoned_before": _mean(before["ce_poisoned"][:nf]),
         "forget_ce_poisoned_after": _mean(after["ce_poisoned"][:nf]),
