@@ -84,8 +84,8 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "out"
     ov = [*TINY_RUN, f"model.name={model_dir}", "scenario.kind=tofu", "scenario.forget_split=forget01",
           "sft.epochs=1", "sft.batch_size=16", "sft.lora_r=2", "sft.lora_targets=[q_proj,v_proj]", "sft.autocast=off",
-          "eval.max_new_tokens=2", "eval.batch_size=64", "unlearn.methods=[uniform,graddiff]", "compare.n_seeds=1",
-          "compare.reference=uniform",
+          "eval.max_new_tokens=2", "eval.batch_size=64", "unlearn.methods=[uniform,graddiff,distill]",
+          "compare.n_seeds=1", "compare.reference=uniform",
           "verify.relearn_k=2", "verify.relearn_steps=1", "verify.relearn_lora_r=2"]  # fmt: skip
     env = {"RAPIDUN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "rapidun.cli", "compare", "--config", "tofu", "--out", str(out), *ov]
@@ -94,13 +94,13 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     assert "forget quality" in r.stdout and "report.md" in r.stdout
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema"] == "rapidun.tofu/1" and rep["scenario"]["forget_split"] == "forget01"
-    assert set(rep["methods"]) == {"uniform", "graddiff"}
+    assert set(rep["methods"]) == {"uniform", "graddiff", "distill"}
     for h in ("val", "test"):
         t = rep["methods"]["uniform"][h]
         assert 0 <= t["forget_quality"]["mean"] <= 1 and 0 <= t["model_utility"]["mean"] <= 1
     assert rep["models"]["retain"]["test"]["forget_quality"] == pytest.approx(1.0)  # the reference vs itself
     assert rep["models"]["retain"]["test"]["mink_auc_gap"] == 0.0
-    assert "ok" in rep["learnability"] and rep["selected"]["method"] in {"uniform", "graddiff"}
+    assert "ok" in rep["learnability"] and rep["selected"]["method"] in {"uniform", "graddiff", "distill"}
     assert (out / "tofu_scatter.png").stat().st_size > 1000
     cell = out / "cells" / "uniform_seed4" / "cell.json"
     before = cell.stat().st_mtime_ns
@@ -116,7 +116,11 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     reuse = {m: json.loads((out / "cells" / f"{m}_seed4" / "result.json").read_text())["start_reused"]
              for m in ("uniform", "graddiff")}  # fmt: skip
     assert reuse == {"uniform": {"losses": False, "snapshot": False}, "graddiff": {"losses": True, "snapshot": True}}
-    # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model
+    # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model; the
+    # shipped distill (the reset held fixed: an adapter of twice the rank) reloads like any other
+    cell = out / "cells" / "distill_seed4" / "cell.json"
+    c = json.loads(cell.read_text())
+    assert json.loads((cell.parent / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 2  # 2 × unlearn.lora_r
     full = rep["models"]["full"]["train"]["path"]
     vcmd = [sys.executable, "-m", "rapidun.cli", "verify", "--config", "tofu", "--model-path", full, "--adapter",
             str(cell.parent / "adapter"), "--out", str(tmp_path / "v"), *ov]  # fmt: skip
