@@ -62,8 +62,9 @@ def test_every_field_has_a_check_or_is_free_text():
     free = {"model.name", "model.system_prompt", "data.source", "data.fields", "data.split", "scenario.families",
             "scenario.poison_source", "scenario.poison_responses", "eval.early_stop", "eval.keywords",
             "influence.param_regex", "influence.normalize", "influence.hotwords", "influence.diagnostics",
-            "weighting.include_self", "unlearn.merge", "unlearn.distill_base", "compare.reference", "verify.enabled",
-            "trace.auto_hotwords", "trace.baselines", "trace.compare"}  # fmt: skip
+            "weighting.include_self", "unlearn.merge", "unlearn.distill_freeze_reset", "unlearn.distill_base",
+            "compare.reference", "verify.enabled", "trace.auto_hotwords", "trace.baselines",
+            "trace.compare"}  # fmt: skip
     assert set(FIELDS) - set(CHECKS) == free
     assert set(CHECKS) <= set(FIELDS)
     validate(load_config(None))  # the defaults are valid
