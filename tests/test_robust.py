@@ -173,6 +173,14 @@ def test_freeze_reset_needs_fresh_slots(tiny_tok):
         freeze_reset(student, 2)
 
 
+def test_frozen_reset_refuses_weight_decay():
+    from rapidun.methods.distill import distill
+
+    u = UnlearnConfig(distill_freeze_reset=True, weight_decay=0.01)
+    with pytest.raises(RapidunError, match="weight_decay"):
+        distill(None, None, None, [object()], u, 0, CPU, fit=lambda *a, **k: {})
+
+
 def test_delta_factors_refuses_another_architecture(tiny_tok):
     student = attach_lora(make_model(len(tiny_tok), init_range=0.2), 2, 4, 0.0, TARGETS, seed=0)
     other = make_model(len(tiny_tok) + 3)

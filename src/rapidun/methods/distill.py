@@ -16,9 +16,9 @@ fine-tuning find the way back. UNDO moves the weights away, then restores the wa
    in the SFT loop :func:`rapidun.train.train`. The behaviour to remove never appears in that data, so it is not
    re-taught. With ``distill_freeze_reset`` the adapter has rank 2r: the reset sits in slots ``:r`` and is held
    fixed (:func:`freeze_reset`), the distillation trains the fresh slots ``r:`` (B = 0 at init, so the student
-   still starts at the base). Otherwise the reset's own factors are trained, and the cheapest way to lower the KL
-   on retain data is often to shrink them back toward the fine-tune — which restores the forget set's knowledge
-   along with the retain set's.
+   still starts at the base). Otherwise the reset's own factors are trained, and a cheap way to lower the KL on
+   retain data is to shrink them back toward the fine-tune — which restores the forget set's knowledge along with
+   the retain set's (measured on TOFU forget01: forget quality 0.004 with the trained reset, 0.571 held fixed).
 
 The result is still an adapter on the start model (the student's), so every later stage (merge, verify) is the
 same as for any other method. Cost: the teacher's unlearning, the SVDs and the S distillation steps (each one
@@ -218,6 +218,9 @@ def distill(
     """
     if not rows:
         raise RapidunError("distill needs clean records to distil on (the retain pack is empty)")
+    if u.distill_freeze_reset and u.weight_decay > 0:
+        raise RapidunError(f"unlearn.distill_freeze_reset holds the reset fixed, but unlearn.weight_decay "
+                           f"{u.weight_decay} would still shrink it: set unlearn.weight_decay=0")  # fmt: skip
     t0 = time.perf_counter()
     factors, info = delta_factors(student, base, u.lora_r)
     info["initialised"] = reset_adapter(student, factors, u.distill_alpha, u.distill_noise, u.seed)
