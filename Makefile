@@ -28,7 +28,8 @@ demo: $(CORE)
 	$(BIN)/rapidun demo --out $(OUT)
 
 # TOFU (forget fictitious authors) on the embedded model: forget01 then forget05 (docs/tofu.md). The recommended
-# method and the field's usual baseline; TOFU_METHODS='[uniform,graddiff,npo,simnpo,rmu,distill]' runs all six.
+# method and the field's usual baseline; TOFU_METHODS='[uniform,graddiff,npo,simnpo,rmu,distill]' runs all six
+# (a list without npo also needs compare.reference set to one of its methods).
 TOFU_METHODS ?= [distill,npo]
 tofu: $(CORE)
 	$(BIN)/rapidun compare --config tofu --out runs/tofu/forget01 scenario.forget_split=forget01 'unlearn.methods=$(TOFU_METHODS)'
