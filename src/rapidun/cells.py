@@ -32,7 +32,7 @@ from rapidun.io import fault_point, read_json, write_json
 from rapidun.memory import PeakMemory
 from rapidun.methods import get_method, views_kind
 from rapidun.stats import compare_hits, mean_std
-from rapidun.unlearn import unlearn
+from rapidun.unlearn import unlearn_shared
 from rapidun.views import method_views
 
 
@@ -121,25 +121,13 @@ def method_cell(
         unlearning result, and whether the cell was reused.
     """
     fault_point("compare:cell")
-    m = get_method(name)
+    get_method(name)  # an unknown name fails here, before any work
 
     def compute() -> dict[str, Any]:
         kind = views_kind(name, cfg.unlearn.distill_teacher)
         views = views_of(kind) if kind else None
         with PeakMemory() as peak:
-            merged, tok, res = unlearn(
-                name,
-                parts,
-                model_path,
-                cfg,
-                out / rel,
-                views,
-                before.get("losses"),
-                provenance=provenance,
-                start_cache=before.setdefault("start", {}),
-            )
-            if not m.expand:  # cover's losses are those of its own, grown packs: not the next cell's
-                before["losses"] = res["audit_before"]
+            merged, tok, res = unlearn_shared(name, parts, model_path, cfg, out / rel, views, before, provenance)
             metrics = evaluate(merged, tok)
             del merged
         metrics["peak_mem_mb"], metrics["peak_mem_kind"] = peak.peak_mb, peak.kind

@@ -292,13 +292,12 @@ def _run_cell(
     full_path: str,
     folder: Path,
     ref: dict[str, Any],
-    shared: dict[str, Any] | None = None,
+    shared: dict[str, Any],
 ) -> dict[str, Any]:
-    """One method × seed on the full model: unlearn, score, attack. ``shared`` (one dict for every cell of a run):
-    the full model's per-sample losses (``losses``) and held-out snapshot (``start``), filled by the first cell
-    that runs and reused by the next (:func:`rapidun.unlearn.unlearn`'s ``before`` and ``start_cache``; about
-    two minutes a cell on two CPU cores)."""
-    from rapidun.unlearn import unlearn
+    """One method × seed on the full model: unlearn, score, attack. ``shared``: one dict for every cell of a run
+    (:func:`rapidun.unlearn.unlearn_shared`; the full model's losses and held-out snapshot, about two minutes a
+    cell on two CPU cores)."""
+    from rapidun.unlearn import unlearn_shared
     from rapidun.views import method_views
 
     upart = {"forget": parts["forget"], "retain": parts["retain_train"], "val_clean": parts["val_clean"]}
@@ -309,11 +308,7 @@ def _run_cell(
     if method.needs_influence:
         views = method_views(method.views, full_path, upart["forget"], upart["retain"], cfg, folder / "influence")
     views_s = time.perf_counter() - t0
-    shared = {} if shared is None else shared
-    model, tok, res = unlearn(name, upart, full_path, cfg, folder, views=views, before=shared.get("losses"),
-                              start_cache=shared.setdefault("start", {}))  # fmt: skip
-    if not method.expand:  # cover's losses are those of its own, grown packs
-        shared["losses"] = res["audit_before"]
+    model, tok, res = unlearn_shared(name, upart, full_path, cfg, folder, views, shared)
     time_s = float(res["timings"]["time_s"]) + views_s  # influence + weights + training (+ teacher), measured
     t = time.perf_counter()
     st = model_stats(model, tok, sets, cfg, f"eval:{name}")

@@ -131,6 +131,27 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(v) / len(v) if v else None
 
 
+def unlearn_shared(
+    method_name: str,
+    parts: dict[str, list[Record]],
+    model_path: str,
+    cfg: RunConfig,
+    out: Path | None,
+    views: dict[str, Any] | None,
+    shared: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`unlearn` for one cell of a comparison: ``shared`` (one dict for all its cells) keeps the start
+    model's per-sample losses (``shared["losses"]``, :func:`unlearn`'s ``before``) and held-out snapshot
+    (``shared["start"]``, its ``start_cache``), taken by the first cell that runs and reused by the next.
+    ``cover``'s losses are those of its own, grown packs, so it reads but never stores them."""
+    model, tok, res = unlearn(method_name, parts, model_path, cfg, out, views, shared.get("losses"),
+                              provenance=provenance, start_cache=shared.setdefault("start", {}))  # fmt: skip
+    if not get_method(method_name).expand:
+        shared["losses"] = res["audit_before"]
+    return model, tok, res
+
+
 def unlearn(
     method_name: str,
     parts: dict[str, list[Record]],
