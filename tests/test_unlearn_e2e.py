@@ -322,6 +322,31 @@ def test_before_reuse_gives_identical_before_values(env, run):
     assert res3["audit_before"] == before
 
 
+def test_audit_off_skips_the_loss_passes_and_trains_the_same_model(env, run, monkeypatch):
+    import importlib
+
+    merged, _, first, _ = run("uniform")  # audited (the default)
+    ul = importlib.import_module("rapidun.unlearn")
+    calls = []
+    real = ul.audit_losses
+    monkeypatch.setattr(ul, "audit_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = env.root / "runs" / "uniform_noaudit"
+    m2, _, res = unlearn("uniform", env.parts, env.model_dir, env.cfg, out, audit=False)
+    assert calls == [] and res["audited"] is False and res["audit_before"] is None
+    assert all(v is None for v in res["audit_means"].values())
+    rows = read_jsonl(out / "audit.jsonl")
+    assert len(rows) == len(env.parts["forget"]) + len(env.parts["retain"])
+    assert all(r["ce_poisoned_before"] is None and r["ce_clean_after"] is None for r in rows)
+    # the audit only reads the model: the same training, bit for bit
+    a, b = merged.state_dict(), m2.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res["weights"] == first["weights"] and res["heldout"] == first["heldout"]
+    # LoReUn's weights read the start losses: measured even so (the after pass is still skipped)
+    _, _, lo = unlearn("loreun", env.parts, env.model_dir, env.cfg, None, audit=False)
+    assert len(calls) == 1 and lo["audit_before"] == first["audit_before"]
+    assert lo["audit_means"]["forget_ce_poisoned_after"] is None
+
+
 def test_start_cache_is_filled_once_and_gives_the_same_collateral(env, monkeypatch):
     import importlib
 

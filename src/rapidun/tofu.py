@@ -295,8 +295,9 @@ def _run_cell(
     shared: dict[str, Any],
 ) -> dict[str, Any]:
     """One method × seed on the full model: unlearn, score, attack. ``shared``: one dict for every cell of a run
-    (:func:`rapidun.unlearn.unlearn_shared`; the full model's losses and held-out snapshot, about two minutes a
-    cell on two CPU cores)."""
+    (:func:`rapidun.unlearn.unlearn_shared`; the full model's held-out snapshot). The unlearning run's own loss
+    audit is skipped (:func:`rapidun.unlearn.unlearn`'s ``audit``): the TOFU scores below measure the forget and
+    retain QA, and the audit's two passes over them cost 100–200 s a cell on two CPU cores."""
     from rapidun.unlearn import unlearn_shared
     from rapidun.views import method_views
 
@@ -308,7 +309,7 @@ def _run_cell(
     if method.needs_influence:
         views = method_views(method.views, full_path, upart["forget"], upart["retain"], cfg, folder / "influence")
     views_s = time.perf_counter() - t0
-    model, tok, res = unlearn_shared(name, upart, full_path, cfg, folder, views, shared)
+    model, tok, res = unlearn_shared(name, upart, full_path, cfg, folder, views, shared, audit=False)  # scored below
     time_s = float(res["timings"]["time_s"]) + views_s  # influence + weights + training (+ teacher), measured
     t = time.perf_counter()
     st = model_stats(model, tok, sets, cfg, f"eval:{name}")

@@ -140,14 +140,17 @@ def unlearn_shared(
     views: dict[str, Any] | None,
     shared: dict[str, Any],
     provenance: dict[str, Any] | None = None,
+    audit: bool = True,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """:func:`unlearn` for one cell of a comparison: ``shared`` (one dict for all its cells) keeps the start
     model's per-sample losses (``shared["losses"]``, :func:`unlearn`'s ``before``) and held-out snapshot
     (``shared["start"]``, its ``start_cache``), taken by the first cell that runs and reused by the next.
-    ``cover``'s losses are those of its own, grown packs, so it reads but never stores them."""
+    ``cover``'s losses are those of its own, grown packs, so it reads but never stores them; a run that skipped
+    them (``audit=False``) has none to store."""
     model, tok, res = unlearn(method_name, parts, model_path, cfg, out, views, shared.get("losses"),
-                              provenance=provenance, start_cache=shared.setdefault("start", {}))  # fmt: skip
-    if not get_method(method_name).expand:
+                              provenance=provenance, start_cache=shared.setdefault("start", {}),
+                              audit=audit)  # fmt: skip
+    if not get_method(method_name).expand and res["audit_before"] is not None:
         shared["losses"] = res["audit_before"]
     return model, tok, res
 
@@ -162,6 +165,7 @@ def unlearn(
     before: dict[str, list[float | None]] | None = None,
     provenance: dict[str, Any] | None = None,
     start_cache: dict[str, Any] | None = None,
+    audit: bool = True,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Run one method on the scenario's forget/retain packs starting from ``model_path`` (the poisoned model).
 
@@ -182,6 +186,10 @@ def unlearn(
             snapshot (greedy answers, top-K distribution) are taken once, kept in it under a key of the model
             path, the held-out ids and the settings they depend on, and reused by the next run (25 s a cell on
             the demo).
+        audit: measure every forget and retain record's loss before and after (``audit.jsonl``, ``audit_means``,
+            the forget-change warning). False skips both passes — for a caller that scores the model itself
+            (TOFU: 100–200 s a cell on two CPU cores) — except ``before`` where the method reads it (LoReUn's
+            weights, the calibrated schedule); skipped losses are None and ``result["audit_before"]`` is None.
 
     Returns:
         ``(model, tokenizer, result)``: the unlearned model (adapter merged, in memory, eval mode) and the
@@ -205,9 +213,14 @@ def unlearn(
     pad = tok.pad_token_id
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    reused = {"losses": before is not None and len(before["ce_clean"]) == len(forget) + len(retain)}
-    if not reused["losses"]:
+    n_items = len(forget) + len(retain)
+    reused = {"losses": before is not None and len(before["ce_clean"]) == n_items}
+    needs_before = audit or method.weights.startswith("loreun") or u.schedule == "calibrated"
+    if not reused["losses"] and needs_before:
         before = audit_losses(model, forget, retain, pad, device)
+    measured_before = before if (reused["losses"] or needs_before) else None
+    if measured_before is None:
+        before = {"ce_poisoned": [None] * n_items, "ce_clean": [None] * n_items}
     timings["audit_before_s"] = time.perf_counter() - t
     held_recs = parts.get("val_clean", [])[:HELDOUT_CHECK]  # never trained on: the run's utility check
     held_pairs = [(r.id, e) for r, e in zip(held_recs, encode_records(tok, held_recs, cfg.model)[0], strict=True)
@@ -262,7 +275,7 @@ def unlearn(
     if method.kind == "distill":
 
         def teach() -> tuple[Any, Any, dict[str, Any]]:
-            return unlearn(u.distill_teacher, parts, model_path, cfg, None, views, before)
+            return unlearn(u.distill_teacher, parts, model_path, cfg, None, views, measured_before, audit=audit)
 
         model, dres = distill_run(model, teach, retain, cfg, pad, device)
         timings["teacher_s"] = dres["teacher_s"]
@@ -328,7 +341,10 @@ def unlearn(
         merged = model.merge_and_unload()
     merged.eval()
     t = time.perf_counter()
-    after = audit_losses(merged, forget, retain, pad, device)
+    if audit:
+        after = audit_losses(merged, forget, retain, pad, device)
+    else:
+        after = {"ce_poisoned": [None] * n_items, "ce_clean": [None] * n_items}
     timings["audit_after_s"] = time.perf_counter() - t
 
     infl_s = float(views["stats"]["total_s"]) if (views is not None and method.needs_influence) else 0.0
@@ -361,7 +377,8 @@ def unlearn(
         views.get("diag") if (views is not None and method.needs_influence) else None,
     )  # fmt: skip
     nf = len(forget)
-    result["audit_before"] = before
+    result["audit_before"] = measured_before
+    result["audited"] = audit
     result["start_reused"] = reused  # the start model's losses / held-out snapshot came from an earlier run
     result["audit_means"] = {
         "forget_ce_poisoned_before": _mean(before["ce_poisoned"][:nf]),
