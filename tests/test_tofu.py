@@ -85,7 +85,7 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     ov = [*TINY_RUN, f"model.name={model_dir}", "scenario.kind=tofu", "scenario.forget_split=forget01",
           "sft.epochs=1", "sft.batch_size=16", "sft.lora_r=2", "sft.lora_targets=[q_proj,v_proj]", "sft.autocast=off",
           "eval.max_new_tokens=2", "eval.batch_size=64", "unlearn.methods=[uniform,graddiff,distill]",
-          "compare.n_seeds=1", "compare.reference=uniform",
+          "unlearn.distill_steps=3", "compare.n_seeds=1", "compare.reference=uniform",
           "verify.relearn_k=2", "verify.relearn_steps=1", "verify.relearn_lora_r=2"]  # fmt: skip
     env = {"RAPIDUN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "rapidun.cli", "compare", "--config", "tofu", "--out", str(out), *ov]
@@ -115,7 +115,9 @@ def test_tofu_comparison_end_to_end_on_a_tiny_model(tmp_path):
     assert "int4" in rep["methods"]["uniform"] and "relearn" in rep["methods"]["graddiff"]
     reuse = {m: json.loads((out / "cells" / f"{m}_seed4" / "result.json").read_text())["start_reused"]
              for m in ("uniform", "graddiff")}  # fmt: skip
-    assert reuse == {"uniform": {"losses": False, "snapshot": False}, "graddiff": {"losses": True, "snapshot": True}}
+    # TOFU scores the cells itself: the unlearning run's loss audit is skipped, the held-out snapshot is shared
+    assert reuse == {"uniform": {"losses": False, "snapshot": False}, "graddiff": {"losses": False, "snapshot": True}}
+    assert json.loads((out / "cells" / "graddiff_seed4" / "result.json").read_text())["audited"] is False
     # rapidun verify on a TOFU cell: the full model + the cell's adapter, scored against the retain model; the
     # shipped distill (the reset held fixed: an adapter of twice the rank) reloads like any other
     cell = out / "cells" / "distill_seed4" / "cell.json"
