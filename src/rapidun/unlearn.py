@@ -309,10 +309,10 @@ def unlearn(
         ctl = None
         if u.schedule == "calibrated" and held_before is not None:
             nf = len(forget)  # the start state's per-record forget CE, from the audit already measured
-            audit = (torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
-                     torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
-                                  dtype=torch.float32))  # fmt: skip
-            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, audit, start_snap["ce"])
+            start_losses = (torch.tensor(before["ce_poisoned"][:nf], dtype=torch.float32),
+                            torch.tensor([math.nan if v is None else v for v in before["ce_clean"][:nf]],
+                                         dtype=torch.float32))  # fmt: skip
+            ctl = make_calibrator(model, forget, held, held_before, u, pad, device, start_losses, start_snap["ce"])
         elif u.schedule == "calibrated":
             result["calibration"] = {"schedule": "fixed", "reason": "no held-out clean records to calibrate on"}
             result["schedule_note"] = (
