@@ -345,6 +345,11 @@ def test_audit_off_skips_the_loss_passes_and_trains_the_same_model(env, run, mon
     _, _, lo = unlearn("loreun", env.parts, env.model_dir, env.cfg, None, audit=False)
     assert len(calls) == 1 and lo["audit_before"] == first["audit_before"]
     assert lo["audit_means"]["forget_ce_poisoned_after"] is None
+    # so does the calibrated schedule (its start losses), and the flag stays a plain bool in result.json
+    cal = load_config(None, [*OVERRIDES, f"model.name={env.model_dir}", "unlearn.schedule=calibrated"])
+    _, _, c = unlearn("uniform", env.parts, env.model_dir, cal, env.root / "runs" / "cal_noaudit", audit=False)
+    assert len(calls) == 2 and c["audit_before"] == first["audit_before"] and c["audited"] is False
+    assert json.loads((env.root / "runs" / "cal_noaudit" / "result.json").read_text())["audited"] is False
 
 
 def test_start_cache_is_filled_once_and_gives_the_same_collateral(env, monkeypatch):
